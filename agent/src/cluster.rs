@@ -1,0 +1,41 @@
+//! The agent's view of the cluster: the Kubernetes objects Weir acts on, as
+//! the last full read of its source delivered them (level-triggered: every
+//! reconciliation starts from the whole state, never from single events).
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+
+/// One Kubernetes object of a kind Weir reads.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Pod(Box<Pod>),
+    Namespace(Box<Namespace>),
+}
+
+/// All objects of the kinds Weir reads.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub pods: Vec<Pod>,
+    pub namespaces: Vec<Namespace>,
+}
+
+impl Cluster {
+    pub fn from_objects<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Self {
+        let mut cluster = Self::default();
+        for object in objects {
+            match object {
+                Object::Service(o) => cluster.services.push((**o).clone()),
+                Object::EndpointSlice(o) => cluster.endpoint_slices.push((**o).clone()),
+                Object::Pod(o) => cluster.pods.push((**o).clone()),
+                Object::Namespace(o) => cluster.namespaces.push((**o).clone()),
+            }
+        }
+        cluster
+    }
+}

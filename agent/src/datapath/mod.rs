@@ -1,0 +1,181 @@
+//! The kernel side as the agent sees it: programs loaded with their maps
+//! pinned under the bpffs root, typed handles on those maps, and the links
+//! that attach the programs to pod interfaces.
+
+pub mod attach;
+pub mod conntrack;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError},
+    programs::SchedClassifier,
+};
+use weir_abi::{
+    config::Config,
+    ct::{CtEntry, CtKey},
+    lb::{Backend, Service, ServiceKey, SlotKey},
+    map_name,
+};
+
+use crate::lb::sync::{LbMaps, LbState, MapWriteError};
+
+/// The compiled programs (built by build.rs with aya-build).
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir"));
+
+/// The program attached at tcx ingress of each local pod's host-side veth.
+pub const FROM_POD_PROGRAM: &str = "weir_from_pod";
+
+/// Map capacities (entries).
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub slots: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+}
+
+pub struct Datapath {
+    // Keeps the programs loaded for attaching; maps were taken out of it.
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, Service>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    config: Array<MapData, Config>,
+    root: PathBuf,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> anyhow::Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the programs"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Datapath {
+    /// Loads the programs. Maps already pinned under `root` (by an earlier
+    /// run of the agent) are reused with their content, so a restart keeps
+    /// every service and every conntrack entry.
+    pub fn load(root: &Path, sizes: MapSizes) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(root)
+            .map_max_entries(map_name::SERVICES, sizes.services)
+            .map_max_entries(map_name::SLOTS, sizes.slots)
+            .map_max_entries(map_name::BACKENDS, sizes.backends)
+            .map_max_entries(map_name::CONNTRACK, sizes.conntrack)
+            .load(PROGRAMS)
+            .context("loading the eBPF programs")?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(FROM_POD_PROGRAM)
+            .context("program missing")?
+            .try_into()
+            .context("program type")?;
+        program.load().context("verifying the from-pod program")?;
+        Ok(Self {
+            services: take(&mut ebpf, map_name::SERVICES)?,
+            slots: take(&mut ebpf, map_name::SLOTS)?,
+            backends: take(&mut ebpf, map_name::BACKENDS)?,
+            conntrack: take(&mut ebpf, map_name::CONNTRACK)?,
+            config: take(&mut ebpf, map_name::CONFIG)?,
+            ebpf,
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn from_pod_program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+        let program = self
+            .ebpf
+            .program_mut(FROM_POD_PROGRAM)
+            .context("program missing")?;
+        Ok(program.try_into()?)
+    }
+
+    pub fn write_config(&mut self, config: &Config) -> anyhow::Result<()> {
+        self.config
+            .set(0, config, 0)
+            .context("writing the datapath configuration")
+    }
+
+    /// Rebuilds the load-balancer mirror from the pinned maps.
+    pub fn adopt_lb_state(&self) -> anyhow::Result<LbState> {
+        let services = self
+            .services
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading services")?;
+        let slots = self
+            .slots
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading slots")?;
+        let backends = self
+            .backends
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading backends")?;
+        Ok(LbState::adopt(services, slots, backends))
+    }
+
+    pub fn conntrack_mut(&mut self) -> &mut HashMap<MapData, CtKey, CtEntry> {
+        &mut self.conntrack
+    }
+}
+
+fn write_error(map: &'static str, op: &'static str, err: MapError) -> MapWriteError {
+    let full =
+        matches!(&err, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG));
+    MapWriteError {
+        map,
+        op,
+        reason: err.to_string(),
+        full,
+    }
+}
+
+fn ignore_absent(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+impl LbMaps for Datapath {
+    fn put_service(&mut self, key: &ServiceKey, value: &Service) -> Result<(), MapWriteError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| write_error(map_name::SERVICES, "update", e))
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapWriteError> {
+        ignore_absent(self.services.remove(key))
+            .map_err(|e| write_error(map_name::SERVICES, "delete", e))
+    }
+    fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> Result<(), MapWriteError> {
+        self.slots
+            .insert(key, backend_id, 0)
+            .map_err(|e| write_error(map_name::SLOTS, "update", e))
+    }
+    fn delete_slot(&mut self, key: &SlotKey) -> Result<(), MapWriteError> {
+        ignore_absent(self.slots.remove(key)).map_err(|e| write_error(map_name::SLOTS, "delete", e))
+    }
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapWriteError> {
+        self.backends
+            .insert(id, value, 0)
+            .map_err(|e| write_error(map_name::BACKENDS, "update", e))
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError> {
+        ignore_absent(self.backends.remove(&id))
+            .map_err(|e| write_error(map_name::BACKENDS, "delete", e))
+    }
+}

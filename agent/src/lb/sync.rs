@@ -1,0 +1,713 @@
+//! Brings the load-balancer maps from what they hold to what they should
+//! hold with the fewest writes, in an order that never shows the datapath a
+//! frontend pointing at a slot or backend that is not written yet.
+//!
+//! [`LbState`] mirrors the three maps exactly as written. It is rebuilt from
+//! the maps themselves when the agent starts ([`LbState::adopt`]), so a
+//! restarted agent keeps every service and backend id, and a reconciliation
+//! that finds nothing to change writes nothing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use tracing::warn;
+use weir_abi::lb::{
+    BACKEND_STATE_ACTIVE, Backend, SVC_FLAG_CLUSTER_IP, Service, ServiceKey, SlotKey,
+};
+
+use super::{BackendAddr, Frontend, translate::Desired};
+
+/// A failed map write.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} on map {map} failed: {reason}")]
+pub struct MapWriteError {
+    pub map: &'static str,
+    pub op: &'static str,
+    pub reason: String,
+    /// The map has no room left (E2BIG): raise its size with the agent's flags.
+    pub full: bool,
+}
+
+/// The writes a reconciliation needs. Deleting an absent key is not an error.
+pub trait LbMaps {
+    fn put_service(&mut self, key: &ServiceKey, value: &Service) -> Result<(), MapWriteError>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapWriteError>;
+    fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> Result<(), MapWriteError>;
+    fn delete_slot(&mut self, key: &SlotKey) -> Result<(), MapWriteError>;
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapWriteError>;
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError>;
+}
+
+/// What one reconciliation did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub writes: usize,
+    pub deletes: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    /// Frontends that could not be fully programmed, with the reason. They
+    /// are retried on the next reconciliation.
+    pub errors: Vec<(String, MapWriteError)>,
+}
+
+#[derive(Debug, Clone)]
+struct ServiceEntry {
+    service_id: u32,
+    flags: u16,
+    /// The services-map value's `count` as written; `None` while only slots
+    /// have been written (a new frontend, or one whose write failed).
+    written_count: Option<u16>,
+    /// Backend id per slot as written (index 0 = slot 1). Zero marks a slot
+    /// found missing when adopting the maps.
+    slots: Vec<u32>,
+}
+
+/// Mirror of the load-balancer maps.
+#[derive(Debug, Default)]
+pub struct LbState {
+    services: BTreeMap<ServiceKey, ServiceEntry>,
+    /// Slots found in the maps for no known service (a crash mid-write).
+    orphan_slots: Vec<SlotKey>,
+    backends: HashMap<u32, Backend>,
+    backend_ids: HashMap<BackendAddr, u32>,
+    next_service_id: u32,
+    next_backend_id: u32,
+}
+
+fn key_of(frontend: &Frontend) -> ServiceKey {
+    ServiceKey::new(
+        u32::from_ne_bytes(frontend.address.octets()),
+        frontend.port.to_be(),
+        frontend.proto,
+    )
+}
+
+fn addr_of(backend: &Backend) -> BackendAddr {
+    BackendAddr {
+        address: backend.address_be.to_ne_bytes().into(),
+        port: u16::from_be(backend.port_be),
+        proto: backend.proto,
+    }
+}
+
+impl LbState {
+    /// Rebuilds the mirror from the maps' current content.
+    pub fn adopt(
+        services: impl IntoIterator<Item = (ServiceKey, Service)>,
+        slots: impl IntoIterator<Item = (SlotKey, u32)>,
+        backends: impl IntoIterator<Item = (u32, Backend)>,
+    ) -> Self {
+        let mut state = Self::default();
+        let mut by_id: HashMap<u32, ServiceKey> = HashMap::new();
+        for (key, svc) in services {
+            by_id.insert(svc.service_id, key);
+            state.next_service_id = state.next_service_id.max(svc.service_id);
+            state.services.insert(
+                key,
+                ServiceEntry {
+                    service_id: svc.service_id,
+                    flags: svc.flags,
+                    written_count: Some(svc.count),
+                    slots: vec![0; usize::from(svc.count)],
+                },
+            );
+        }
+        for (slot_key, backend_id) in slots {
+            let entry = by_id
+                .get(&slot_key.service_id)
+                .and_then(|key| state.services.get_mut(key));
+            match entry {
+                Some(entry)
+                    if slot_key.slot >= 1 && (slot_key.slot as usize) <= entry.slots.len() =>
+                {
+                    entry.slots[slot_key.slot as usize - 1] = backend_id;
+                }
+                _ => state.orphan_slots.push(slot_key),
+            }
+        }
+        for (id, backend) in backends {
+            state.next_backend_id = state.next_backend_id.max(id);
+            state.backend_ids.entry(addr_of(&backend)).or_insert(id);
+            state.backends.insert(id, backend);
+        }
+        state
+    }
+
+    /// Number of frontends and backends as written.
+    pub fn len(&self) -> (usize, usize) {
+        (self.services.len(), self.backends.len())
+    }
+
+    fn alloc_service_id(&mut self) -> u32 {
+        let used: HashSet<u32> = self.services.values().map(|e| e.service_id).collect();
+        loop {
+            self.next_service_id = self.next_service_id.checked_add(1).unwrap_or(1);
+            if !used.contains(&self.next_service_id) {
+                return self.next_service_id;
+            }
+        }
+    }
+
+    fn ensure_backend(
+        &mut self,
+        addr: BackendAddr,
+        maps: &mut impl LbMaps,
+        report: &mut SyncReport,
+    ) -> Result<u32, MapWriteError> {
+        if let Some(id) = self.backend_ids.get(&addr) {
+            return Ok(*id);
+        }
+        let id = loop {
+            self.next_backend_id = self.next_backend_id.checked_add(1).unwrap_or(1);
+            if !self.backends.contains_key(&self.next_backend_id) {
+                break self.next_backend_id;
+            }
+        };
+        let backend = Backend {
+            address_be: u32::from_ne_bytes(addr.address.octets()),
+            port_be: addr.port.to_be(),
+            proto: addr.proto,
+            state: BACKEND_STATE_ACTIVE,
+        };
+        maps.put_backend(id, &backend)?;
+        report.writes += 1;
+        self.backends.insert(id, backend);
+        self.backend_ids.insert(addr, id);
+        Ok(id)
+    }
+
+    /// Makes the maps serve exactly `desired`. Frontends whose writes fail
+    /// are reported and left as they were; everything else proceeds.
+    pub fn reconcile(&mut self, desired: &Desired, maps: &mut impl LbMaps) -> SyncReport {
+        let mut report = SyncReport::default();
+        for (frontend, spec) in desired {
+            if let Err(err) = self.sync_frontend(frontend, &spec.backends, maps, &mut report) {
+                report
+                    .errors
+                    .push((format!("{frontend} ({})", spec.service), err));
+            }
+        }
+
+        let wanted: HashSet<ServiceKey> = desired.keys().map(key_of).collect();
+        let stale: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        for key in stale {
+            if let Err(err) = self.remove_frontend(&key, maps, &mut report) {
+                report.errors.push((format!("removing {key:?}"), err));
+            }
+        }
+        for slot in std::mem::take(&mut self.orphan_slots) {
+            match maps.delete_slot(&slot) {
+                Ok(()) => report.deletes += 1,
+                Err(err) => {
+                    self.orphan_slots.push(slot);
+                    report.errors.push(("orphan slot".to_owned(), err));
+                }
+            }
+        }
+        // Backends no slot refers to any more go last, after every slot that
+        // pointed at them was rewritten.
+        let referenced: HashSet<u32> = self
+            .services
+            .values()
+            .flat_map(|e| e.slots.iter().copied())
+            .collect();
+        let unreferenced: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !referenced.contains(id))
+            .copied()
+            .collect();
+        for id in unreferenced {
+            match maps.delete_backend(id) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    if let Some(backend) = self.backends.remove(&id) {
+                        let addr = addr_of(&backend);
+                        if self.backend_ids.get(&addr) == Some(&id) {
+                            self.backend_ids.remove(&addr);
+                        }
+                    }
+                }
+                Err(err) => report.errors.push((format!("backend {id}"), err)),
+            }
+        }
+        (report.frontends, report.backends) = self.len();
+        report
+    }
+
+    fn sync_frontend(
+        &mut self,
+        frontend: &Frontend,
+        backends: &std::collections::BTreeSet<BackendAddr>,
+        maps: &mut impl LbMaps,
+        report: &mut SyncReport,
+    ) -> Result<(), MapWriteError> {
+        let key = key_of(frontend);
+        if !self.services.contains_key(&key) {
+            let service_id = self.alloc_service_id();
+            self.services.insert(
+                key,
+                ServiceEntry {
+                    service_id,
+                    flags: SVC_FLAG_CLUSTER_IP,
+                    written_count: None,
+                    slots: Vec::new(),
+                },
+            );
+        }
+        let mut want = Vec::with_capacity(backends.len());
+        for addr in backends {
+            want.push(self.ensure_backend(*addr, maps, report)?);
+        }
+        let entry = self.services.get_mut(&key).expect("inserted above");
+        let target = slot_layout(&entry.slots, &want);
+        let count = u16::try_from(target.len()).map_err(|_| MapWriteError {
+            map: weir_abi::map_name::SERVICES,
+            op: "update",
+            reason: format!(
+                "{} backends exceed the {} slots a service can have",
+                target.len(),
+                u16::MAX
+            ),
+            full: false,
+        })?;
+
+        // 1. Slots first: while they change, the old count still bounds what
+        //    the datapath reads.
+        for (i, id) in target.iter().enumerate() {
+            if entry.slots.get(i) == Some(id) {
+                continue;
+            }
+            maps.put_slot(
+                &SlotKey {
+                    service_id: entry.service_id,
+                    slot: i as u32 + 1,
+                },
+                *id,
+            )?;
+            report.writes += 1;
+            match entry.slots.get_mut(i) {
+                Some(slot) => *slot = *id,
+                None => entry.slots.push(*id),
+            }
+        }
+        // 2. Then the count, which publishes the new slots or retires the tail.
+        if entry.written_count != Some(count) || entry.flags != SVC_FLAG_CLUSTER_IP {
+            let value = Service {
+                service_id: entry.service_id,
+                count,
+                flags: SVC_FLAG_CLUSTER_IP,
+            };
+            maps.put_service(&key, &value)?;
+            report.writes += 1;
+            entry.written_count = Some(count);
+            entry.flags = SVC_FLAG_CLUSTER_IP;
+        }
+        // 3. Then the slots beyond the count, which nothing reads any more.
+        while entry.slots.len() > target.len() {
+            let slot = entry.slots.len() as u32;
+            maps.delete_slot(&SlotKey {
+                service_id: entry.service_id,
+                slot,
+            })?;
+            report.deletes += 1;
+            entry.slots.pop();
+        }
+        Ok(())
+    }
+
+    fn remove_frontend(
+        &mut self,
+        key: &ServiceKey,
+        maps: &mut impl LbMaps,
+        report: &mut SyncReport,
+    ) -> Result<(), MapWriteError> {
+        let Some(entry) = self.services.get_mut(key) else {
+            return Ok(());
+        };
+        if entry.written_count.is_some() {
+            maps.delete_service(key)?;
+            report.deletes += 1;
+            entry.written_count = None;
+        }
+        while let Some(_) = entry.slots.last() {
+            let slot = entry.slots.len() as u32;
+            maps.delete_slot(&SlotKey {
+                service_id: entry.service_id,
+                slot,
+            })?;
+            report.deletes += 1;
+            entry.slots.pop();
+        }
+        self.services.remove(key);
+        Ok(())
+    }
+}
+
+/// The new slot order: backends that stay keep their slot, holes left by
+/// removed backends are filled from the tail (so at most one other backend
+/// moves per removal), and new backends are appended.
+fn slot_layout(current: &[u32], want: &[u32]) -> Vec<u32> {
+    let wanted: HashSet<u32> = want.iter().copied().collect();
+    let mut seen = HashSet::new();
+    let mut slots = current.to_vec();
+    let mut i = 0;
+    while i < slots.len() {
+        if wanted.contains(&slots[i]) && seen.insert(slots[i]) {
+            i += 1;
+        } else {
+            slots.swap_remove(i);
+        }
+    }
+    for id in want {
+        if seen.insert(*id) {
+            slots.push(*id);
+        }
+    }
+    slots
+}
+
+/// Logs the outcome of a reconciliation that had errors.
+pub fn log_errors(report: &SyncReport) {
+    for (what, err) in &report.errors {
+        if err.full {
+            warn!(%what, error = %err, "map full: frontend not fully programmed; raise the map size");
+        } else {
+            warn!(%what, error = %err, "frontend not fully programmed; will retry");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::lb::translate::FrontendSpec;
+
+    /// In-memory maps with the kernel's semantics that matter here: a
+    /// capacity per map (E2BIG when full), and a count of every write.
+    #[derive(Default)]
+    struct MemMaps {
+        services: BTreeMap<ServiceKey, Service>,
+        slots: BTreeMap<SlotKey, u32>,
+        backends: BTreeMap<u32, Backend>,
+        service_capacity: Option<usize>,
+        writes: usize,
+    }
+
+    fn full(map: &'static str) -> MapWriteError {
+        MapWriteError {
+            map,
+            op: "update",
+            reason: "E2BIG".into(),
+            full: true,
+        }
+    }
+
+    impl LbMaps for MemMaps {
+        fn put_service(&mut self, key: &ServiceKey, value: &Service) -> Result<(), MapWriteError> {
+            if !self.services.contains_key(key)
+                && Some(self.services.len()) == self.service_capacity
+            {
+                return Err(full("services"));
+            }
+            self.writes += 1;
+            self.services.insert(*key, *value);
+            Ok(())
+        }
+        fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapWriteError> {
+            self.writes += 1;
+            self.services.remove(key);
+            Ok(())
+        }
+        fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> Result<(), MapWriteError> {
+            self.writes += 1;
+            self.slots.insert(*key, backend_id);
+            Ok(())
+        }
+        fn delete_slot(&mut self, key: &SlotKey) -> Result<(), MapWriteError> {
+            self.writes += 1;
+            self.slots.remove(key);
+            Ok(())
+        }
+        fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapWriteError> {
+            self.writes += 1;
+            self.backends.insert(id, *value);
+            Ok(())
+        }
+        fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError> {
+            self.writes += 1;
+            self.backends.remove(&id);
+            Ok(())
+        }
+    }
+
+    impl MemMaps {
+        /// What the datapath would serve: for each frontend, the backends
+        /// reachable through slots 1..=count. Panics on a dangling reference.
+        fn served(&self) -> BTreeMap<Frontend, BTreeSet<BackendAddr>> {
+            self.services
+                .iter()
+                .map(|(key, svc)| {
+                    let frontend = Frontend {
+                        address: key.address_be.to_ne_bytes().into(),
+                        port: u16::from_be(key.port_be),
+                        proto: key.proto,
+                    };
+                    let backends = (1..=u32::from(svc.count))
+                        .map(|slot| {
+                            let id = self.slots[&SlotKey {
+                                service_id: svc.service_id,
+                                slot,
+                            }];
+                            addr_of(&self.backends[&id])
+                        })
+                        .collect();
+                    (frontend, backends)
+                })
+                .collect()
+        }
+
+        fn adopt(&self) -> LbState {
+            LbState::adopt(
+                self.services.iter().map(|(k, v)| (*k, *v)),
+                self.slots.iter().map(|(k, v)| (*k, *v)),
+                self.backends.iter().map(|(k, v)| (*k, *v)),
+            )
+        }
+    }
+
+    fn frontend(ip: &str, port: u16) -> Frontend {
+        Frontend {
+            address: ip.parse().unwrap(),
+            port,
+            proto: 6,
+        }
+    }
+
+    fn backends(n: impl IntoIterator<Item = u8>) -> BTreeSet<BackendAddr> {
+        n.into_iter()
+            .map(|i| BackendAddr {
+                address: [10, 244, 0, i].into(),
+                port: 8080,
+                proto: 6,
+            })
+            .collect()
+    }
+
+    fn desired(entries: &[(Frontend, BTreeSet<BackendAddr>)]) -> Desired {
+        entries
+            .iter()
+            .map(|(f, b)| {
+                (
+                    *f,
+                    FrontendSpec {
+                        service: "default/svc".into(),
+                        backends: b.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn assert_serves(maps: &MemMaps, want: &Desired) {
+        let served = maps.served();
+        let want: BTreeMap<Frontend, BTreeSet<BackendAddr>> =
+            want.iter().map(|(f, s)| (*f, s.backends.clone())).collect();
+        assert_eq!(served, want);
+        let referenced: BTreeSet<u32> = maps.slots.values().copied().collect();
+        assert_eq!(
+            referenced,
+            maps.backends.keys().copied().collect(),
+            "no unreferenced backend is left"
+        );
+    }
+
+    #[test]
+    fn programs_from_scratch() {
+        let (mut maps, mut state) = (MemMaps::default(), LbState::default());
+        let want = desired(&[
+            (frontend("10.96.0.1", 80), backends(1..=3)),
+            (frontend("10.96.0.2", 53), backends([2])),
+        ]);
+        let report = state.reconcile(&want, &mut maps);
+        assert!(report.errors.is_empty());
+        assert_serves(&maps, &want);
+        assert_eq!(
+            (report.frontends, report.backends),
+            (2, 3),
+            "10.244.0.2:8080 is shared, stored once"
+        );
+    }
+
+    #[test]
+    fn an_unchanged_state_writes_nothing() {
+        let (mut maps, mut state) = (MemMaps::default(), LbState::default());
+        let want = desired(&[(frontend("10.96.0.1", 80), backends(1..=3))]);
+        state.reconcile(&want, &mut maps);
+        let before = maps.writes;
+        let report = state.reconcile(&want, &mut maps);
+        assert_eq!(
+            (maps.writes - before, report.writes, report.deletes),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn adding_one_endpoint_is_three_writes() {
+        let (mut maps, mut state) = (MemMaps::default(), LbState::default());
+        state.reconcile(
+            &desired(&[(frontend("10.96.0.1", 80), backends(1..=3))]),
+            &mut maps,
+        );
+        let before = maps.writes;
+        let want = desired(&[(frontend("10.96.0.1", 80), backends(1..=4))]);
+        state.reconcile(&want, &mut maps);
+        assert_eq!(maps.writes - before, 3, "backend + slot + service count");
+        assert_serves(&maps, &want);
+    }
+
+    #[test]
+    fn removing_one_endpoint_moves_at_most_one_other() {
+        let (mut maps, mut state) = (MemMaps::default(), LbState::default());
+        state.reconcile(
+            &desired(&[(frontend("10.96.0.1", 80), backends(1..=4))]),
+            &mut maps,
+        );
+        let slots_before = maps.slots.clone();
+        let before = maps.writes;
+        let want = desired(&[(frontend("10.96.0.1", 80), backends([1, 3, 4]))]);
+        state.reconcile(&want, &mut maps);
+        assert!(
+            maps.writes - before <= 4,
+            "slot refill + count + tail slot + backend, got {}",
+            maps.writes - before
+        );
+        assert_serves(&maps, &want);
+        let unchanged = maps
+            .slots
+            .iter()
+            .filter(|(k, v)| slots_before.get(k) == Some(v))
+            .count();
+        assert_eq!(unchanged, 2, "backends in slots 1 and 3 keep their slot");
+    }
+
+    #[test]
+    fn removing_a_frontend_keeps_shared_backends() {
+        let (mut maps, mut state) = (MemMaps::default(), LbState::default());
+        state.reconcile(
+            &desired(&[
+                (frontend("10.96.0.1", 80), backends(1..=2)),
+                (frontend("10.96.0.2", 80), backends(2..=3)),
+            ]),
+            &mut maps,
+        );
+        let want = desired(&[(frontend("10.96.0.2", 80), backends(2..=3))]);
+        state.reconcile(&want, &mut maps);
+        assert_serves(&maps, &want);
+        assert_eq!(maps.backends.len(), 2);
+    }
+
+    #[test]
+    fn a_frontend_without_backends_has_count_zero() {
+        let (mut maps, mut state) = (MemMaps::default(), LbState::default());
+        state.reconcile(
+            &desired(&[(frontend("10.96.0.1", 80), backends(1..=2))]),
+            &mut maps,
+        );
+        let want = desired(&[(frontend("10.96.0.1", 80), BTreeSet::new())]);
+        state.reconcile(&want, &mut maps);
+        assert_eq!(maps.services.values().next().unwrap().count, 0);
+        assert!(maps.slots.is_empty() && maps.backends.is_empty());
+    }
+
+    #[test]
+    fn a_restarted_agent_adopts_the_maps_and_writes_nothing() {
+        let mut maps = MemMaps::default();
+        let want = desired(&[
+            (frontend("10.96.0.1", 80), backends(1..=3)),
+            (frontend("10.96.0.2", 80), backends(3..=5)),
+        ]);
+        LbState::default().reconcile(&want, &mut maps);
+        let (services, slots, backends_before) = (
+            maps.services.clone(),
+            maps.slots.clone(),
+            maps.backends.clone(),
+        );
+
+        let mut restarted = maps.adopt();
+        let report = restarted.reconcile(&want, &mut maps);
+        assert_eq!((report.writes, report.deletes), (0, 0));
+        assert_eq!(
+            (
+                maps.services.clone(),
+                maps.slots.clone(),
+                maps.backends.clone()
+            ),
+            (services, slots, backends_before)
+        );
+
+        // And it goes on allocating ids that do not collide with adopted ones.
+        let more = desired(&[
+            (frontend("10.96.0.1", 80), backends(1..=3)),
+            (frontend("10.96.0.2", 80), backends(3..=6)),
+            (frontend("10.96.0.3", 80), backends([7])),
+        ]);
+        restarted.reconcile(&more, &mut maps);
+        assert_serves(&maps, &more);
+    }
+
+    #[test]
+    fn adopting_cleans_up_after_a_crash_mid_write() {
+        let mut maps = MemMaps::default();
+        let want = desired(&[(frontend("10.96.0.1", 80), backends(1..=2))]);
+        LbState::default().reconcile(&want, &mut maps);
+        // Slots and a backend of a frontend whose service entry was never written.
+        maps.slots.insert(
+            SlotKey {
+                service_id: 99,
+                slot: 1,
+            },
+            42,
+        );
+        maps.backends.insert(
+            42,
+            Backend {
+                address_be: 1,
+                port_be: 1,
+                proto: 6,
+                state: 0,
+            },
+        );
+        let mut restarted = maps.adopt();
+        restarted.reconcile(&want, &mut maps);
+        assert_serves(&maps, &want);
+    }
+
+    #[test]
+    fn a_full_map_fails_one_frontend_and_serves_the_others() {
+        let mut maps = MemMaps {
+            service_capacity: Some(1),
+            ..Default::default()
+        };
+        let mut state = LbState::default();
+        let want = desired(&[
+            (frontend("10.96.0.1", 80), backends([1])),
+            (frontend("10.96.0.2", 80), backends([2])),
+        ]);
+        let report = state.reconcile(&want, &mut maps);
+        assert_eq!(report.errors.len(), 1);
+        assert!(report.errors[0].1.full);
+        assert_eq!(maps.served().len(), 1);
+
+        maps.service_capacity = None;
+        let report = state.reconcile(&want, &mut maps);
+        assert!(report.errors.is_empty(), "retried once there is room");
+        assert_serves(&maps, &want);
+    }
+}

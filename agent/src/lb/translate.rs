@@ -1,0 +1,290 @@
+//! Kubernetes Services and EndpointSlices → the frontends and backends the
+//! datapath should serve. Pure functions: no maps, no I/O.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{BackendAddr, Frontend};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What one frontend should serve.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrontendSpec {
+    /// `namespace/name` of the Service, for logs and the CLI.
+    pub service: String,
+    /// Backends that take new connections, ordered for determinism.
+    pub backends: BTreeSet<BackendAddr>,
+}
+
+/// Every frontend the maps should hold.
+pub type Desired = BTreeMap<Frontend, FrontendSpec>;
+
+/// Parses a Kubernetes protocol name; `None` (the API default) is TCP.
+pub fn parse_protocol(protocol: Option<&str>) -> Option<u8> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Some(weir_abi::proto::TCP),
+        "UDP" => Some(weir_abi::proto::UDP),
+        "SCTP" => Some(weir_abi::proto::SCTP),
+        _ => None,
+    }
+}
+
+/// A port number from the API's `i32`, if it is a valid port.
+pub fn parse_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|p| *p != 0)
+}
+
+/// The IPv4 ClusterIPs of a Service that load balancing applies to: none for
+/// headless (`None`) and ExternalName Services.
+pub fn cluster_ips(svc: &Service) -> Vec<Ipv4Addr> {
+    let Some(spec) = &svc.spec else {
+        return Vec::new();
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Vec::new();
+    }
+    let ips: Vec<&String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().collect(),
+        _ => spec.cluster_ip.iter().collect(),
+    };
+    ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
+}
+
+fn namespace_name(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        meta.namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Computes the frontends of all Services with their ready backends.
+///
+/// Backends are matched as kube-proxy matches them: an EndpointSlice belongs
+/// to the Service named by its `kubernetes.io/service-name` label in the same
+/// namespace, and a slice port serves a Service port when the names (and
+/// protocols) are equal. An endpoint is used when its `ready` condition is
+/// not false (unset means ready), and only its first address counts.
+pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desired {
+    // (namespace, service name) → slices
+    let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        let (namespace, _) = namespace_name(&slice.metadata);
+        slices_by_service
+            .entry((namespace, service.clone()))
+            .or_default()
+            .push(slice);
+    }
+
+    let mut desired = Desired::new();
+    for svc in services {
+        let (namespace, name) = namespace_name(&svc.metadata);
+        let ips = cluster_ips(svc);
+        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+        let (Some(ports), false) = (ports, ips.is_empty()) else {
+            continue;
+        };
+        let service_slices = slices_by_service.get(&(namespace.clone(), name.clone()));
+        for port in ports {
+            let (Some(proto), Some(frontend_port)) = (
+                parse_protocol(port.protocol.as_deref()),
+                parse_port(port.port),
+            ) else {
+                continue;
+            };
+            let port_name = port.name.as_deref().unwrap_or("");
+            let mut backends = BTreeSet::new();
+            for slice in service_slices.into_iter().flatten() {
+                let slice_port = slice.ports.iter().flatten().find(|p| {
+                    p.name.as_deref().unwrap_or("") == port_name
+                        && parse_protocol(p.protocol.as_deref()) == Some(proto)
+                });
+                let Some(target_port) = slice_port.and_then(|p| p.port).and_then(parse_port) else {
+                    continue;
+                };
+                for endpoint in &slice.endpoints {
+                    let ready = endpoint
+                        .conditions
+                        .as_ref()
+                        .and_then(|c| c.ready)
+                        .unwrap_or(true);
+                    let address = endpoint
+                        .addresses
+                        .first()
+                        .and_then(|a| a.parse::<Ipv4Addr>().ok());
+                    if let (true, Some(address)) = (ready, address) {
+                        backends.insert(BackendAddr {
+                            address,
+                            port: target_port,
+                            proto,
+                        });
+                    }
+                }
+            }
+            for address in &ips {
+                let frontend = Frontend {
+                    address: *address,
+                    port: frontend_port,
+                    proto,
+                };
+                desired.insert(
+                    frontend,
+                    FrontendSpec {
+                        service: format!("{namespace}/{name}"),
+                        backends: backends.clone(),
+                    },
+                );
+            }
+        }
+    }
+    desired
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml<T: serde::de::DeserializeOwned>(s: &str) -> T {
+        serde_yaml::from_str(s).unwrap()
+    }
+
+    fn web_service() -> Service {
+        yaml(
+            r#"
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: http, protocol: TCP}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+"#,
+        )
+    }
+
+    fn web_slice() -> EndpointSlice {
+        yaml(
+            r#"
+metadata: {name: web-abc, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.244.0.2]
+  conditions: {ready: true}
+- addresses: [10.244.0.3]
+- addresses: [10.244.0.4]
+  conditions: {ready: false}
+"#,
+        )
+    }
+
+    fn backend(ip: &str, port: u16, proto: u8) -> BackendAddr {
+        BackendAddr {
+            address: ip.parse().unwrap(),
+            port,
+            proto,
+        }
+    }
+
+    #[test]
+    fn ready_endpoints_become_backends_per_named_port() {
+        let desired = desired_frontends(&[web_service()], &[web_slice()]);
+        let http = Frontend {
+            address: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            proto: 6,
+        };
+        let dns = Frontend {
+            address: "10.96.0.10".parse().unwrap(),
+            port: 53,
+            proto: 17,
+        };
+        assert_eq!(desired.len(), 2);
+        assert_eq!(desired[&http].service, "shop/web");
+        assert_eq!(
+            desired[&http].backends,
+            [
+                backend("10.244.0.2", 8080, 6),
+                backend("10.244.0.3", 8080, 6)
+            ]
+            .into(),
+            "not-ready 10.244.0.4 must not be a backend; unset ready means ready"
+        );
+        assert_eq!(
+            desired[&dns].backends,
+            [
+                backend("10.244.0.2", 5353, 17),
+                backend("10.244.0.3", 5353, 17)
+            ]
+            .into()
+        );
+    }
+
+    #[test]
+    fn slices_of_other_namespaces_or_services_are_ignored() {
+        let mut other_ns = web_slice();
+        other_ns.metadata.namespace = Some("other".into());
+        let mut other_svc = web_slice();
+        other_svc.metadata.labels =
+            Some([(SERVICE_NAME_LABEL.to_owned(), "api".to_owned())].into());
+        let desired = desired_frontends(&[web_service()], &[other_ns, other_svc]);
+        assert_eq!(desired.len(), 2);
+        assert!(desired.values().all(|spec| spec.backends.is_empty()));
+    }
+
+    #[test]
+    fn backends_of_several_slices_are_merged() {
+        let mut second = web_slice();
+        second.metadata.name = Some("web-def".into());
+        second.endpoints = vec![yaml("addresses: [10.244.1.9]")];
+        let desired = desired_frontends(&[web_service()], &[web_slice(), second]);
+        let http = Frontend {
+            address: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            proto: 6,
+        };
+        assert_eq!(desired[&http].backends.len(), 3);
+    }
+
+    #[test]
+    fn headless_and_external_name_services_have_no_frontend() {
+        let headless: Service =
+            yaml("metadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}");
+        let external: Service = yaml(
+            "metadata: {name: e}\nspec: {type: ExternalName, externalName: example.org, ports: [{port: 80}]}",
+        );
+        assert!(desired_frontends(&[headless, external], &[]).is_empty());
+    }
+
+    #[test]
+    fn a_service_without_slices_has_a_frontend_without_backends() {
+        let desired = desired_frontends(&[web_service()], &[]);
+        assert_eq!(
+            desired.len(),
+            2,
+            "the frontend must exist so the datapath can drop and count"
+        );
+        assert!(desired.values().all(|spec| spec.backends.is_empty()));
+    }
+}

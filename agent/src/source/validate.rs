@@ -1,0 +1,127 @@
+//! Checks an object before it may reach the maps: a bad object is reported
+//! and skipped, never half-applied.
+
+use std::net::IpAddr;
+
+use k8s_openapi::{
+    api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use crate::lb::translate::{parse_port, parse_protocol};
+
+fn check_port(what: &str, port: i32) -> Result<(), String> {
+    parse_port(port)
+        .map(|_| ())
+        .ok_or_else(|| format!("{what} {port} is not a port (1-65535)"))
+}
+
+fn check_protocol(protocol: Option<&str>) -> Result<(), String> {
+    parse_protocol(protocol).map(|_| ()).ok_or_else(|| {
+        format!(
+            "protocol {:?} is not TCP, UDP or SCTP",
+            protocol.unwrap_or_default()
+        )
+    })
+}
+
+fn check_ip(what: &str, ip: &str) -> Result<(), String> {
+    ip.parse::<IpAddr>()
+        .map(|_| ())
+        .map_err(|_| format!("{what} {ip:?} is not an IP address"))
+}
+
+pub fn service(svc: &Service) -> Result<(), String> {
+    let Some(spec) = &svc.spec else { return Ok(()) };
+    for ip in spec
+        .cluster_ip
+        .iter()
+        .chain(spec.cluster_ips.iter().flatten())
+    {
+        if ip != "None" && !ip.is_empty() {
+            check_ip("clusterIP", ip)?;
+        }
+    }
+    for port in spec.ports.iter().flatten() {
+        check_port("port", port.port)?;
+        check_protocol(port.protocol.as_deref())?;
+        if let Some(IntOrString::Int(target)) = port.target_port {
+            check_port("targetPort", target)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(), String> {
+    match slice.address_type.as_str() {
+        "IPv4" => {
+            for endpoint in &slice.endpoints {
+                for address in &endpoint.addresses {
+                    address.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                        format!("endpoint address {address:?} is not an IPv4 address")
+                    })?;
+                }
+            }
+        }
+        "IPv6" | "FQDN" => {}
+        other => return Err(format!("addressType {other:?} is not IPv4, IPv6 or FQDN")),
+    }
+    for port in slice.ports.iter().flatten() {
+        if let Some(port) = port.port {
+            check_port("port", port)?;
+        }
+        check_protocol(port.protocol.as_deref())?;
+    }
+    Ok(())
+}
+
+pub fn pod(pod: &Pod) -> Result<(), String> {
+    let Some(status) = &pod.status else {
+        return Ok(());
+    };
+    for ip in status
+        .pod_ip
+        .iter()
+        .chain(status.pod_ips.iter().flatten().map(|p| &p.ip))
+    {
+        check_ip("podIP", ip)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Service {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn rejects_bad_services() {
+        assert!(
+            service(&svc(
+                "metadata: {name: a}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}"
+            ))
+            .is_err()
+        );
+        assert!(
+            service(&svc(
+                "metadata: {name: a}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 70000}]}"
+            ))
+            .is_err()
+        );
+        assert!(service(&svc("metadata: {name: a}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80, targetPort: 0}]}")).is_err());
+        assert!(service(&svc("metadata: {name: a}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80, protocol: ICMP}]}")).is_err());
+        assert!(service(&svc("metadata: {name: a}\nspec: {clusterIP: None, ports: [{port: 80, targetPort: http}]}")).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_endpoint_slices() {
+        let slice: EndpointSlice = serde_yaml::from_str(
+            "metadata: {name: s}\naddressType: IPv4\nendpoints: [{addresses: [fe80::1]}]",
+        )
+        .unwrap();
+        assert!(endpoint_slice(&slice).is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! `weir ct list`: the conntrack table, like `cilium bpf ct list global`.
+
+use std::path::Path;
+
+use aya::maps::{HashMap, MapData};
+use nix::time::{ClockId, clock_gettime};
+use serde::Serialize;
+use weir_abi::{
+    ct::{
+        CT_F_HAIRPIN, CT_F_RX_CLOSING, CT_F_TX_CLOSING, CT_KIND_FLOW, CT_KIND_SERVICE,
+        CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CtEntry, CtKey,
+    },
+    map_name, proto,
+};
+
+use crate::{
+    maps::open,
+    output::{Endpoint, Format, print_json},
+};
+
+#[derive(Debug, Serialize)]
+struct CtRow {
+    kind: &'static str,
+    protocol: &'static str,
+    source: Endpoint,
+    destination: Endpoint,
+    state: &'static str,
+    expires_in_seconds: i64,
+    nat: Endpoint,
+    client_address: Option<std::net::Ipv4Addr>,
+    service_id: u32,
+    backend_id: u32,
+    flags: Vec<&'static str>,
+    tx_packets: u64,
+    tx_bytes: u64,
+    rx_packets: u64,
+    rx_bytes: u64,
+    tx_flags_seen: u8,
+    rx_flags_seen: u8,
+}
+
+fn row(key: &CtKey, entry: &CtEntry, now: i64) -> CtRow {
+    let mut flags = Vec::new();
+    for (bit, name) in [
+        (CT_F_HAIRPIN, "hairpin"),
+        (CT_F_TX_CLOSING, "tx-closing"),
+        (CT_F_RX_CLOSING, "rx-closing"),
+    ] {
+        if entry.flags & bit != 0 {
+            flags.push(name);
+        }
+    }
+    let hairpin = entry.flags & CT_F_HAIRPIN != 0;
+    CtRow {
+        kind: match key.kind {
+            CT_KIND_SERVICE => "service",
+            CT_KIND_FLOW => "flow",
+            _ => "unknown",
+        },
+        protocol: proto::name(key.proto),
+        source: Endpoint::from_be(key.saddr_be, key.sport_be),
+        destination: Endpoint::from_be(key.daddr_be, key.dport_be),
+        state: match entry.state {
+            CT_STATE_ESTABLISHED => "established",
+            CT_STATE_CLOSING => "closing",
+            _ => "new",
+        },
+        expires_in_seconds: i64::from(entry.expires) - now,
+        nat: Endpoint::from_be(entry.nat_addr_be, entry.nat_port_be),
+        client_address: (key.kind == CT_KIND_FLOW && hairpin)
+            .then(|| entry.client_addr_be.to_ne_bytes().into()),
+        service_id: entry.service_id,
+        backend_id: entry.backend_id,
+        flags,
+        tx_packets: entry.tx_packets,
+        tx_bytes: entry.tx_bytes,
+        rx_packets: entry.rx_packets,
+        rx_bytes: entry.rx_bytes,
+        tx_flags_seen: entry.tx_flags_seen,
+        rx_flags_seen: entry.rx_flags_seen,
+    }
+}
+
+pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
+    let map: HashMap<MapData, CtKey, CtEntry> = open(root, map_name::CONNTRACK)?;
+    // The datapath stamps expiry in CLOCK_MONOTONIC seconds.
+    let now = clock_gettime(ClockId::CLOCK_MONOTONIC)?.tv_sec();
+    let mut rows: Vec<CtRow> = map
+        .iter()
+        .flatten()
+        .map(|(k, v)| row(&k, &v, now))
+        .collect();
+    rows.sort_by(|a, b| {
+        (&a.source, &a.destination, a.kind).cmp(&(&b.source, &b.destination, b.kind))
+    });
+    match format {
+        Format::Json => print_json(&rows),
+        Format::Table => {
+            for r in &rows {
+                let via = match r.kind {
+                    "service" => format!("backend={}", r.nat),
+                    _ => format!("RevNAT={}", r.nat),
+                };
+                let client = r
+                    .client_address
+                    .map(|c| format!(" client={c}"))
+                    .unwrap_or_default();
+                println!(
+                    "{} {} {} -> {} {} expires={}s {}{} ServiceID={} BackendID={} TxPackets={} TxBytes={} RxPackets={} RxBytes={} TxFlagsSeen={:#04x} RxFlagsSeen={:#04x} Flags=[{}]",
+                    r.protocol,
+                    r.kind.to_uppercase(),
+                    r.source,
+                    r.destination,
+                    r.state,
+                    r.expires_in_seconds,
+                    via,
+                    client,
+                    r.service_id,
+                    r.backend_id,
+                    r.tx_packets,
+                    r.tx_bytes,
+                    r.rx_packets,
+                    r.rx_bytes,
+                    r.tx_flags_seen,
+                    r.rx_flags_seen,
+                    r.flags.join(" ")
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Load-balancer maps, in the shape of Cilium's lb4 maps (`bpf/lib/lb.h`):
+//! a frontend map, a slot map that lists each frontend's backends, and a
+//! backend map shared by all frontends. The datapath does one lookup in each,
+//! whatever the number of services or backends.
+
+/// Key of the services map: one frontend (ClusterIP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub address_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
+impl ServiceKey {
+    pub const fn new(address_be: u32, port_be: u16, proto: u8) -> Self {
+        Self {
+            address_be,
+            port_be,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// The frontend is a ClusterIP.
+pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+
+/// Value of the services map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Service {
+    /// Identifies the frontend: the slot map is keyed by it and conntrack
+    /// records it (Cilium's `rev_nat_index`).
+    pub service_id: u32,
+    /// Number of backend slots, numbered 1..=count. Zero: no ready backend.
+    pub count: u16,
+    /// `SVC_FLAG_*`.
+    pub flags: u16,
+}
+const _: () = assert!(core::mem::size_of::<Service>() == 8);
+
+/// Key of the slot map: the `slot`-th backend of a service (1-based).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+
+/// Backend states (Cilium's `BE_STATE_*`).
+pub const BACKEND_STATE_ACTIVE: u8 = 0;
+pub const BACKEND_STATE_TERMINATING: u8 = 1;
+
+/// Value of the backends map, keyed by a `u32` backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub address_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    /// `BACKEND_STATE_*`.
+    pub state: u8,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `repr(C)` integers with explicit padding, valid for any bit pattern.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::SlotKey {}
+    unsafe impl aya::Pod for super::Backend {}
+}

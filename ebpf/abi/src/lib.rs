@@ -1,0 +1,70 @@
+//! The contract between Weir's kernel programs and user space.
+//!
+//! Every type that crosses the kernel/user boundary lives here, once:
+//! `#[repr(C)]`, fixed-width integers only, explicit padding, and the byte
+//! order in the field name (`_be` = network order, as Cilium's `__be32`). A
+//! compile-time size assertion sits next to each type (Cilium's alignchecker
+//! idea) so that a layout change cannot slip through unnoticed. A layout change
+//! must also bump the version in the map's name: aya reuses an existing pin
+//! without checking its key or value size.
+//!
+//! Byte order: a `_be` field holds the bytes exactly as they travel on the
+//! wire, read as a native integer. From user space that is
+//! `u32::from_ne_bytes(ip.octets())` for an address and `port.to_be()` for a
+//! port; the datapath compares and copies them without conversion.
+#![no_std]
+
+pub mod config;
+pub mod ct;
+pub mod lb;
+pub mod metrics;
+
+/// IP protocol numbers as they appear in the IPv4 header.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+
+    /// The Kubernetes name of an IP protocol (`TCP`, `UDP`, `SCTP`).
+    pub fn name(proto: u8) -> &'static str {
+        match proto {
+            TCP => "TCP",
+            UDP => "UDP",
+            SCTP => "SCTP",
+            _ => "ANY",
+        }
+    }
+}
+
+/// Names of the pinned maps. They are also the file names under the agent's
+/// bpffs root, so the CLI finds them there with the agent down.
+pub mod map_name {
+    /// [`crate::lb::ServiceKey`] → [`crate::lb::Service`].
+    pub const SERVICES: &str = "LB4_SERVICES_V1";
+    /// [`crate::lb::SlotKey`] → backend id (`u32`).
+    pub const SLOTS: &str = "LB4_SLOTS_V1";
+    /// backend id (`u32`) → [`crate::lb::Backend`].
+    pub const BACKENDS: &str = "LB4_BACKENDS_V1";
+    /// [`crate::ct::CtKey`] → [`crate::ct::CtEntry`] (LRU).
+    pub const CONNTRACK: &str = "CT4_V1";
+    /// Per-CPU array of [`crate::metrics::Counter`] indexed by reason.
+    pub const METRICS: &str = "METRICS_V1";
+    /// One-element array holding [`crate::config::Config`].
+    pub const CONFIG: &str = "CONFIG_V1";
+
+    pub const ALL: [&str; 6] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, METRICS, CONFIG];
+}
+
+/// Default map capacities; the agent overrides them from its flags.
+pub mod capacity {
+    /// Frontends (ClusterIP:port/proto). Cilium's default LB map size is 64k.
+    pub const SERVICES: u32 = 65_536;
+    /// Backend slots over all services (services × backends each).
+    pub const SLOTS: u32 = 262_144;
+    /// Distinct backends (ip:port/proto).
+    pub const BACKENDS: u32 = 65_536;
+    /// Conntrack entries; each service connection takes two.
+    pub const CONNTRACK: u32 = 262_144;
+    /// One counter per reason code.
+    pub const METRICS: u32 = 256;
+}

@@ -1,0 +1,59 @@
+//! Datapath counters: a per-CPU array indexed by reason. Indices below 130 are
+//! forwarding events; 130 and above are drops, numbered as Cilium's
+//! (`bpf/lib/common.h`, `pkg/monitor/api/drop.go`) so flows and metrics can
+//! share one table of names.
+
+/// A packet and byte count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// A new service connection was translated to a backend.
+pub const SERVICE_NEW: u32 = 1;
+/// A packet of an established service connection was translated.
+pub const SERVICE_ESTABLISHED: u32 = 2;
+/// A reply was reverse-translated.
+pub const REVERSE_NAT: u32 = 3;
+/// A new hairpin connection (client is its own backend) was translated.
+pub const HAIRPIN_NEW: u32 = 4;
+
+/// Cilium's DROP_INVALID: the packet is truncated or malformed.
+pub const DROP_INVALID: u32 = 134;
+/// Cilium's DROP_WRITE_ERROR: rewriting the packet failed.
+pub const DROP_WRITE_ERROR: u32 = 141;
+/// Cilium's DROP_CT_CREATE_FAILED: the conntrack map refused an insert.
+pub const DROP_CT_CREATE_FAILED: u32 = 155;
+/// Cilium's DROP_NO_SERVICE: the frontend exists but has no backend.
+pub const DROP_NO_SERVICE: u32 = 158;
+/// Cilium's DROP_IS_CLUSTER_IP: the address is in the service CIDR but no
+/// frontend matches (a deleted service, or an undefined port).
+pub const DROP_IS_CLUSTER_IP: u32 = 174;
+
+/// Human-readable name of a reason, as Cilium prints it.
+pub fn reason_name(reason: u32) -> &'static str {
+    match reason {
+        SERVICE_NEW => "Service new connection",
+        SERVICE_ESTABLISHED => "Service established",
+        REVERSE_NAT => "Reverse NAT",
+        HAIRPIN_NEW => "Service hairpin new connection",
+        DROP_INVALID => "Invalid packet",
+        DROP_WRITE_ERROR => "Error writing to packet",
+        DROP_CT_CREATE_FAILED => "CT: Map insertion failed",
+        DROP_NO_SERVICE => "Service backend not found",
+        DROP_IS_CLUSTER_IP => "Is a ClusterIP",
+        _ => "Unknown",
+    }
+}
+
+/// Whether a reason counts dropped packets.
+pub const fn is_drop(reason: u32) -> bool {
+    reason >= 130
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain `repr(C)` integers, valid for any bit pattern.
+unsafe impl aya::Pod for Counter {}

@@ -1,0 +1,67 @@
+//! Weir's kernel programs.
+//!
+//! `weir_from_pod` runs at tcx ingress of the host side of every local pod's
+//! veth, so it sees every packet a pod sends. It does the service translation
+//! for new and established connections, and reverse translation of replies
+//! (which are also sent by a pod: the backend). Per-packet work is a fixed
+//! number of hash lookups, whatever the number of services or backends.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod lb;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod metrics;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
+mod service;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{TC_ACT_OK, TC_ACT_SHOT},
+        macros::classifier,
+        programs::TcContext,
+    };
+
+    use crate::{metrics, packet, service, service::Verdict};
+
+    /// Attached to tcx ingress of a pod's host-side veth: traffic from the pod.
+    #[classifier]
+    pub fn weir_from_pod(ctx: TcContext) -> i32 {
+        let verdict = match packet::parse(&ctx) {
+            Ok(Some(pkt)) => service::handle(&ctx, &pkt),
+            // Not IPv4 TCP/UDP, or a non-first fragment: not ours to translate.
+            Ok(None) => Verdict::Pass,
+            Err(reason) => Verdict::Drop(reason),
+        };
+        match verdict {
+            Verdict::Pass => TC_ACT_OK as i32,
+            Verdict::Drop(reason) => {
+                metrics::count(reason, ctx.len());
+                TC_ACT_SHOT as i32
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,32 @@
+//! Every map the programs use, pinned by name under the agent's bpffs root.
+//! Sizes here are defaults; the agent sets the real ones at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use weir_abi::{
+    capacity,
+    config::Config,
+    ct::{CtEntry, CtKey},
+    lb::{Backend, Service, ServiceKey, SlotKey},
+    metrics::Counter,
+};
+
+#[map(name = "LB4_SERVICES_V1")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(capacity::SERVICES, 0);
+
+#[map(name = "LB4_SLOTS_V1")]
+pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(capacity::SLOTS, 0);
+
+#[map(name = "LB4_BACKENDS_V1")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
+
+#[map(name = "CT4_V1")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+#[map(name = "METRICS_V1")]
+pub static METRICS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::METRICS, 0);
+
+#[map(name = "CONFIG_V1")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -1,0 +1,115 @@
+//! Parsing: Ethernet → IPv4 → TCP/UDP, into the few fields the datapath
+//! needs, with the offsets that the rewrite code patches.
+
+use aya_ebpf::programs::TcContext;
+use weir_abi::{metrics::DROP_INVALID, proto};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+/// Offset of the IPv4 header checksum, source and destination address.
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+
+/// TCP flag bits (byte 13 of the TCP header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The parsed 5-tuple and where its fields live in the packet.
+/// Addresses and ports are kept as read from the packet (network order).
+pub struct Packet {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// TCP flags, zero for UDP.
+    pub tcp_flags: u8,
+    /// Offset of the L4 header.
+    pub l4_off: usize,
+    /// Offset of the L4 checksum.
+    pub l4_csum_off: usize,
+    /// UDP: a zero checksum means "none" and must stay zero.
+    pub is_udp: bool,
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+/// `Ok(None)` for traffic the datapath leaves alone (not IPv4, not TCP/UDP,
+/// non-first fragments); `Err(reason)` for a truncated header.
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
+    // Headers of locally generated veth traffic are linear, but pull them in
+    // case they are not; a failure shows up as a truncated header below.
+    if ctx.data() + ETH_HLEN + 60 + 20 > ctx.data_end() {
+        let _ = ctx.pull_data((ETH_HLEN + 20 + 20) as u32);
+    }
+    let Some(ethertype) = ptr_at::<[u8; 2]>(ctx, 12) else {
+        return Ok(None);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    if u16::from_be_bytes(unsafe { *ethertype }) != ETH_P_IP {
+        return Ok(None);
+    }
+    let ip = ptr_at::<[u8; 20]>(ctx, ETH_HLEN).ok_or(DROP_INVALID)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let ihl = usize::from(ip[0] & 0x0f);
+    if ip[0] >> 4 != 4 || ihl < 5 {
+        return Err(DROP_INVALID);
+    }
+    // A non-first fragment carries no ports.
+    let frag_off = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+    if frag_off != 0 {
+        return Ok(None);
+    }
+    let l4_proto = ip[9];
+    let saddr_be = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    let daddr_be = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    let l4_off = ETH_HLEN + ihl * 4;
+    match l4_proto {
+        proto::TCP => {
+            let tcp = ptr_at::<[u8; 20]>(ctx, l4_off).ok_or(DROP_INVALID)?;
+            // SAFETY: bounds checked by ptr_at.
+            let tcp = unsafe { &*tcp };
+            Ok(Some(Packet {
+                saddr_be,
+                daddr_be,
+                sport_be: u16::from_ne_bytes([tcp[0], tcp[1]]),
+                dport_be: u16::from_ne_bytes([tcp[2], tcp[3]]),
+                proto: l4_proto,
+                tcp_flags: tcp[13],
+                l4_off,
+                l4_csum_off: l4_off + 16,
+                is_udp: false,
+            }))
+        }
+        proto::UDP => {
+            let udp = ptr_at::<[u8; 8]>(ctx, l4_off).ok_or(DROP_INVALID)?;
+            // SAFETY: bounds checked by ptr_at.
+            let udp = unsafe { &*udp };
+            Ok(Some(Packet {
+                saddr_be,
+                daddr_be,
+                sport_be: u16::from_ne_bytes([udp[0], udp[1]]),
+                dport_be: u16::from_ne_bytes([udp[2], udp[3]]),
+                proto: l4_proto,
+                tcp_flags: 0,
+                l4_off,
+                l4_csum_off: l4_off + 6,
+                is_udp: true,
+            }))
+        }
+        _ => Ok(None),
+    }
+}
