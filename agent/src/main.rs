@@ -8,6 +8,7 @@
 mod cluster;
 mod datapath;
 mod lb;
+mod node;
 mod pods;
 mod source;
 mod system;
@@ -23,8 +24,7 @@ use weir_abi::{capacity, config::Config};
 
 use crate::{
     datapath::{Datapath, MapSizes, attach::Attachments, conntrack},
-    lb::{sync::LbState, translate::desired_frontends},
-    source::{SourceSpec, dir::DirSource},
+    source::{Source, SourceSpec},
 };
 
 #[derive(Debug, Parser)]
@@ -127,72 +127,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The agent's state between events.
-struct Agent {
-    node_name: String,
-    datapath: Datapath,
-    lb: LbState,
-    attachments: Attachments,
-    /// Local pod IP → `namespace/name`, from the last full read.
-    local_pods: BTreeMap<Ipv4Addr, String>,
-}
-
-impl Agent {
-    /// Applies a full read of the cluster: the load-balancer maps, then the
-    /// attachments to local pods.
-    fn apply(&mut self, cluster: &cluster::Cluster) {
-        let started = std::time::Instant::now();
-        let desired = desired_frontends(&cluster.services, &cluster.endpoint_slices);
-        let report = self.lb.reconcile(&desired, &mut self.datapath);
-        lb::sync::log_errors(&report);
-        if report.writes + report.deletes > 0 {
-            info!(
-                frontends = report.frontends,
-                backends = report.backends,
-                writes = report.writes,
-                deletes = report.deletes,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "load-balancer maps updated"
-            );
-        }
-        self.local_pods = pods::local_pod_ips(cluster, &self.node_name);
-        self.attach_local_pods(true);
-    }
-
-    /// Attaches to every local pod whose interface exists; with `prune`, also
-    /// drops links of interfaces that are no local pod's any more.
-    fn attach_local_pods(&mut self, prune: bool) {
-        let routes = match system::RouteTable::read() {
-            Ok(routes) => routes,
-            Err(err) => return warn!(error = %format!("{err:#}"), "cannot read routes"),
-        };
-        let mut keep = BTreeMap::new();
-        let program = match self.datapath.from_pod_program() {
-            Ok(program) => program,
-            Err(err) => return warn!(error = %format!("{err:#}"), "program unavailable"),
-        };
-        for (ip, pod) in &self.local_pods {
-            let Some(ifname) = routes.interface_for(*ip) else {
-                // The CNI has not plumbed it yet; retried every second.
-                continue;
-            };
-            match self.attachments.ensure(program, &ifname) {
-                Ok(()) => {
-                    if let Some(index) = datapath::attach::ifindex(&ifname) {
-                        keep.insert(ifname, index);
-                    }
-                }
-                Err(err) => {
-                    warn!(%pod, interface = %ifname, error = %format!("{err:#}"), "cannot attach")
-                }
-            }
-        }
-        if prune && let Err(err) = self.attachments.prune(&keep) {
-            warn!(error = %format!("{err:#}"), "cannot prune links");
-        }
-    }
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     system::ensure_bpffs(&args.bpffs_root)?;
     let sizes = MapSizes {
@@ -207,7 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (frontends, backends) = lb.len();
     info!(root = %args.bpffs_root.display(), frontends, backends, "datapath loaded; adopted pinned state");
     let attachments = Attachments::new(datapath.root())?;
-    let mut agent = Agent {
+    let mut agent = node::Agent {
         node_name: args.node_name.clone(),
         datapath,
         lb,
@@ -215,28 +149,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         local_pods: BTreeMap::new(),
     };
 
-    let SourceSpec::Dir(dir) = &args.source;
-    let mut source = DirSource::new(dir.clone());
+    let mut source = Source::start(&args.source)?;
     let mut synced = false;
 
-    let mut scan = tokio::time::interval(Duration::from_millis(100));
     let mut retry_attach = tokio::time::interval(Duration::from_secs(1));
     let mut gc = tokio::time::interval(Duration::from_secs(args.ct_gc_interval.max(1)));
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     loop {
         tokio::select! {
-            _ = scan.tick() => match source.rescan() {
-                Ok(changed) if changed || !synced => {
+            changed = source.changed() => match changed {
+                Ok(cluster) => {
                     // Nothing is removed before this first complete read: a
                     // restart must not flush maps that live connections use.
-                    agent.apply(&source.cluster());
+                    agent.apply(&cluster);
                     if !synced {
                         synced = true;
-                        info!(dir = %dir.display(), "initial sync complete");
+                        info!(source = ?args.source, "initial sync complete");
                     }
                 }
-                Ok(_) => {}
                 // The maps keep their last good state meanwhile.
                 Err(err) => warn!(error = %format!("{err:#}"), "cannot read the source; keeping the current state"),
             },

@@ -1,1 +1,42 @@
+//! Weir's network-namespace harness: everything a privileged integration test
+//! (or the demo) needs to build a simulated Kubernetes node out of network
+//! namespaces, run servers and clients inside its pods, drive `weir-agent`
+//! through manifest files, and read the datapath back with `weir`.
+//!
+//! Every resource is owned by an RAII guard whose `Drop` removes it, so a
+//! failing (panicking) test still leaves no namespace, interface, pin or
+//! process behind. Guards never panic in `Drop`; they report problems on
+//! stderr instead, because a panic during unwinding aborts the test binary.
+//!
+//! Module map (one concern each):
+//! - [`names`]: unique, short names for namespaces, interfaces and pins;
+//! - [`cmd`]: running `ip` and friends with useful error messages;
+//! - [`netns`]: creating namespaces and running code inside them;
+//! - [`topology`]: a node namespace and pods wired to it as the contract says;
+//! - [`servers`] / [`clients`]: TCP/UDP endpoints that answer with the pod name;
+//! - [`manifests`]: Kubernetes YAML written atomically into the watched dir;
+//! - [`agent`]: starting, killing and restarting `weir-agent`;
+//! - [`cli`]: `weir ... -o json` parsed into typed rows, and [`cli::wait_until`];
+//! - [`fixture`]: a ready-made node + manifest dir + agent for tests.
 
+pub mod agent;
+pub mod cli;
+pub mod clients;
+pub mod cmd;
+pub mod fixture;
+pub mod manifests;
+pub mod names;
+pub mod netns;
+pub mod servers;
+pub mod tempdir;
+pub mod topology;
+
+/// Fails early, with a message that says what to do, when the tests run
+/// without the privileges they need (namespaces, veths and bpffs need root).
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the weir-tests integration tests need root (network namespaces, veth pairs, bpffs); \
+         run them through `cargo xtask test` or as root"
+    );
+}

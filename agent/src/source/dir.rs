@@ -32,7 +32,13 @@ struct ParsedFile {
 pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, ParsedFile>,
+    ticker: tokio::time::Interval,
+    delivered: bool,
 }
+
+/// How often the directory is rescanned: well inside the 500 ms in which a
+/// change must reach the datapath, and cheap (one stat per file).
+const SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn is_manifest(path: &Path) -> bool {
     matches!(
@@ -43,9 +49,25 @@ fn is_manifest(path: &Path) -> bool {
 
 impl DirSource {
     pub fn new(dir: PathBuf) -> Self {
+        let mut ticker = tokio::time::interval(SCAN_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             dir,
             files: BTreeMap::new(),
+            ticker,
+            delivered: false,
+        }
+    }
+
+    /// See [`super::Source::changed`]. A directory that cannot be read is
+    /// reported and retried; the last state stays in force meanwhile.
+    pub async fn changed(&mut self) -> anyhow::Result<Cluster> {
+        loop {
+            self.ticker.tick().await;
+            if self.rescan()? || !self.delivered {
+                self.delivered = true;
+                return Ok(self.cluster());
+            }
         }
     }
 
@@ -225,8 +247,8 @@ ports: [{port: 8080}]
         assert_eq!(parse_manifests(Path::new("x.yaml"), &content).len(), 2);
     }
 
-    #[test]
-    fn rescan_sees_additions_changes_and_removals() {
+    #[tokio::test]
+    async fn rescan_sees_additions_changes_and_removals() {
         let dir = std::env::temp_dir().join(format!("weir-dir-source-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut source = DirSource::new(dir.clone());

@@ -1,0 +1,124 @@
+//! Issue 2, test 7: SIGKILL the agent and start it again. The datapath keeps
+//! running while the agent is dead (pins keep programs, links and maps alive),
+//! the restarted agent adopts the state, and an established TCP connection
+//! carries data before, during and after.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::Result;
+use weir_tests::cli::LbService;
+use weir_tests::clients::{self, DEFAULT_TIMEOUT, TcpConn};
+use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
+use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
+use weir_tests::servers::{TcpMode, TcpServer, UdpServer};
+
+/// `weir lb list` in a canonical order (frontends, then backends by slot).
+fn sorted(mut lb: Vec<LbService>) -> Vec<LbService> {
+    for s in &mut lb {
+        s.backends.sort_by_key(|b| b.slot);
+    }
+    lb.sort_by(|a, b| {
+        (a.frontend.address, a.frontend.port, &a.frontend.protocol).cmp(&(
+            b.frontend.address,
+            b.frontend.port,
+            &b.frontend.protocol,
+        ))
+    });
+    lb
+}
+
+#[test]
+fn agent_sigkill_and_restart_keeps_connections_and_maps() -> Result<()> {
+    let mut bed = TestBed::new()?;
+    let client = bed.add_pod("client")?;
+    let backends = [bed.add_pod("backend-a")?, bed.add_pod("backend-b")?];
+    let _tcp = backends
+        .iter()
+        .map(|p| TcpServer::start(p, 8080, TcpMode::Lines))
+        .collect::<Result<Vec<_>>>()?;
+    let _udp = backends
+        .iter()
+        .map(|p| UdpServer::start(p, 5353))
+        .collect::<Result<Vec<_>>>()?;
+
+    let node = bed.node().name().to_owned();
+    let endpoints: Vec<Endpoint> = backends
+        .iter()
+        .map(|p| Endpoint::for_pod(p.ip(), p.name(), &node))
+        .collect();
+    let web = Ipv4Addr::new(10, 96, 0, 70);
+    let dns = Ipv4Addr::new(10, 96, 0, 71);
+    let web_ports = [ServicePort::tcp("http", 80, 8080)];
+    let dns_ports = [ServicePort::udp("dns", 53, 5353)];
+    bed.manifests().write(
+        "services.yaml",
+        &[
+            service(NAMESPACE, "web", &web.to_string(), &web_ports),
+            endpoint_slice(NAMESPACE, "web", "s1", &endpoints, &web_ports),
+            service(NAMESPACE, "dns", &dns.to_string(), &dns_ports),
+            endpoint_slice(NAMESPACE, "dns", "s1", &endpoints, &dns_ports),
+        ],
+    )?;
+    let ips: Vec<Ipv4Addr> = backends.iter().map(|p| p.ip()).collect();
+    bed.cli()
+        .wait_for_backends(AGENT_TIMEOUT, web, 80, "TCP", &ips)?;
+    bed.cli()
+        .wait_for_backends(AGENT_TIMEOUT, dns, 53, "UDP", &ips)?;
+    let addr = SocketAddrV4::new(web, 80);
+    bed.wait_tcp(&client, addr)?;
+    bed.wait_udp(&client, SocketAddrV4::new(dns, 53))?;
+
+    // Before.
+    let mut conn = TcpConn::connect(&client, addr, DEFAULT_TIMEOUT)?;
+    let pinned = conn.exchange()?;
+    let before = sorted(bed.cli().lb_list()?);
+    assert_eq!(before.len(), 2, "{before:#?}");
+
+    // During: the agent is dead, the datapath is not.
+    bed.agent_mut().kill()?;
+    assert_eq!(
+        conn.exchange()?,
+        pinned,
+        "established connection broke when the agent died"
+    );
+    assert_eq!(
+        sorted(bed.cli().lb_list()?),
+        before,
+        "maps changed when the agent died"
+    );
+    clients::tcp_request(&client, addr, DEFAULT_TIMEOUT)?;
+    clients::udp_request(&client, SocketAddrV4::new(dns, 53), DEFAULT_TIMEOUT)?;
+
+    // After: the restarted agent works (it programs a new service) and kept
+    // the existing state as it was, ids and slots included.
+    bed.agent_mut().restart()?;
+    let probe = Ipv4Addr::new(10, 96, 0, 72);
+    bed.manifests().write(
+        "probe.yaml",
+        &[
+            service(NAMESPACE, "probe", &probe.to_string(), &web_ports),
+            endpoint_slice(NAMESPACE, "probe", "s1", &endpoints, &web_ports),
+        ],
+    )?;
+    bed.cli()
+        .wait_for_backends(AGENT_TIMEOUT, probe, 80, "TCP", &ips)?;
+    bed.agent_mut().ensure_running()?;
+    let after: Vec<LbService> = sorted(bed.cli().lb_list()?)
+        .into_iter()
+        .filter(|s| s.frontend.address != probe)
+        .collect();
+    assert_eq!(after, before, "`weir lb list` differs after the restart");
+    assert_eq!(
+        conn.exchange()?,
+        pinned,
+        "established connection broke after the restart"
+    );
+    assert_eq!(
+        bed.wait_tcp(&client, SocketAddrV4::new(probe, 80))
+            .map(|_| ())?,
+        ()
+    );
+    clients::tcp_request(&client, addr, DEFAULT_TIMEOUT)?;
+    assert_eq!(conn.exchange()?, pinned);
+    Ok(())
+}
