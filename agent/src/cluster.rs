@@ -5,6 +5,7 @@
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
 };
 
 /// One Kubernetes object of a kind Weir reads.
@@ -14,6 +15,7 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
     Pod(Box<Pod>),
     Namespace(Box<Namespace>),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 /// All objects of the kinds Weir reads.
@@ -23,6 +25,7 @@ pub struct Cluster {
     pub endpoint_slices: Vec<EndpointSlice>,
     pub pods: Vec<Pod>,
     pub namespaces: Vec<Namespace>,
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 impl Cluster {
@@ -34,6 +37,7 @@ impl Cluster {
                 Object::EndpointSlice(o) => cluster.endpoint_slices.push((**o).clone()),
                 Object::Pod(o) => cluster.pods.push((**o).clone()),
                 Object::Namespace(o) => cluster.namespaces.push((**o).clone()),
+                Object::NetworkPolicy(o) => cluster.network_policies.push((**o).clone()),
             }
         }
         cluster

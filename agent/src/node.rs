@@ -1,15 +1,23 @@
 //! One node's agent state and what it does with a full read of the cluster:
-//! program the load-balancer maps, attach to local pods.
+//! program the load-balancer and policy maps, attach to local pods.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use tracing::{info, warn};
 
 use crate::{
     cluster::Cluster,
-    datapath::{self, Datapath, attach::Attachments},
+    datapath::{
+        self, Datapath,
+        attach::{Attachments, Hook},
+    },
     lb::{self, sync::LbState, translate::desired_frontends},
-    pods, system,
+    pods,
+    policy::{self, sync::PolicyState},
+    statefile, system,
 };
 
 /// The agent's state between events.
@@ -17,15 +25,76 @@ pub struct Agent {
     pub node_name: String,
     pub datapath: Datapath,
     pub lb: LbState,
+    pub policy: PolicyState,
     pub attachments: Attachments,
     /// Local pod IP → `namespace/name`, from the last full read.
     pub local_pods: BTreeMap<Ipv4Addr, String>,
+    /// The last state file written, to write it only when it changes.
+    state_file: String,
 }
 
 impl Agent {
-    /// Applies a full read of the cluster: the load-balancer maps, then the
-    /// attachments to local pods.
+    /// Takes over what the maps and links already hold (from an earlier run),
+    /// so the first reconciliation only writes differences.
+    pub fn adopt(node_name: String, datapath: Datapath) -> anyhow::Result<Self> {
+        let lb = datapath.adopt_lb_state()?;
+        let policy = datapath.adopt_policy_state()?;
+        let (frontends, backends) = lb.len();
+        info!(
+            root = %datapath.root().display(),
+            frontends,
+            backends,
+            endpoints = policy.endpoints().len(),
+            "datapath loaded; adopted pinned state"
+        );
+        let attachments = Attachments::new(datapath.root())?;
+        Ok(Self {
+            node_name,
+            datapath,
+            lb,
+            policy,
+            attachments,
+            local_pods: BTreeMap::new(),
+            state_file: String::new(),
+        })
+    }
+
+    /// Applies a full read of the cluster: the load-balancer maps, the
+    /// policy maps, then the attachments to local pods.
     pub fn apply(&mut self, cluster: &Cluster) {
+        self.apply_services(cluster);
+        self.apply_policy(cluster);
+        self.local_pods = pods::local_pod_ips(cluster, &self.node_name);
+        self.attach_local_pods(true);
+    }
+
+    fn apply_policy(&mut self, cluster: &Cluster) {
+        let started = std::time::Instant::now();
+        let desired = policy::compute::compute(cluster, &self.node_name);
+        let report = self.policy.reconcile(&desired, &mut self.datapath);
+        for err in &report.errors {
+            warn!(error = %err, full = err.full, "policy map write failed; will retry");
+        }
+        if report.writes + report.deletes > 0 {
+            info!(
+                endpoints = desired.endpoints.len(),
+                identities = desired.identities.len(),
+                writes = report.writes,
+                deletes = report.deletes,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "policy maps updated"
+            );
+        }
+        let state = statefile::render(&self.node_name, &desired, self.policy.endpoints());
+        if state != self.state_file {
+            match statefile::write(self.datapath.root(), &state) {
+                Ok(()) => self.state_file = state,
+                Err(err) => warn!(error = %format!("{err:#}"), "cannot write the state file"),
+            }
+        }
+    }
+
+    fn apply_services(&mut self, cluster: &Cluster) {
         let started = std::time::Instant::now();
         let desired = desired_frontends(&cluster.services, &cluster.endpoint_slices);
         let report = self.lb.reconcile(&desired, &mut self.datapath);
@@ -40,8 +109,6 @@ impl Agent {
                 "load-balancer maps updated"
             );
         }
-        self.local_pods = pods::local_pod_ips(cluster, &self.node_name);
-        self.attach_local_pods(true);
     }
 
     /// Attaches to every local pod whose interface exists; with `prune`, also
@@ -51,25 +118,23 @@ impl Agent {
             Ok(routes) => routes,
             Err(err) => return warn!(error = %format!("{err:#}"), "cannot read routes"),
         };
-        let mut keep = BTreeMap::new();
-        let program = match self.datapath.from_pod_program() {
-            Ok(program) => program,
-            Err(err) => return warn!(error = %format!("{err:#}"), "program unavailable"),
-        };
+        let mut keep = BTreeSet::new();
         for (ip, pod) in &self.local_pods {
             let Some(ifname) = routes.interface_for(*ip) else {
                 // The CNI has not plumbed it yet; retried every second.
                 continue;
             };
-            match self.attachments.ensure(program, &ifname) {
-                Ok(()) => {
-                    if let Some(index) = datapath::attach::ifindex(&ifname) {
-                        keep.insert(ifname, index);
-                    }
+            for hook in Hook::ALL {
+                let attached = self
+                    .datapath
+                    .program(hook)
+                    .and_then(|program| self.attachments.ensure(hook, program, &ifname));
+                if let Err(err) = attached {
+                    warn!(%pod, interface = %ifname, error = %format!("{err:#}"), "cannot attach");
                 }
-                Err(err) => {
-                    warn!(%pod, interface = %ifname, error = %format!("{err:#}"), "cannot attach")
-                }
+            }
+            if let Some(index) = datapath::attach::ifindex(&ifname) {
+                keep.insert((ifname, index));
             }
         }
         if prune && let Err(err) = self.attachments.prune(&keep) {

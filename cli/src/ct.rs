@@ -7,8 +7,8 @@ use nix::time::{ClockId, clock_gettime};
 use serde::Serialize;
 use weir_abi::{
     ct::{
-        CT_F_HAIRPIN, CT_F_RX_CLOSING, CT_F_TX_CLOSING, CT_KIND_FLOW, CT_KIND_SERVICE,
-        CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CtEntry, CtKey,
+        CT_F_HAIRPIN, CT_F_RX_CLOSING, CT_F_TX_CLOSING, CT_KIND_FLOW, CT_KIND_SERVICE, CT_STATE_CLOSING,
+        CT_STATE_ESTABLISHED, CtEntry, CtKey,
     },
     map_name, proto,
 };
@@ -41,11 +41,9 @@ struct CtRow {
 
 fn row(key: &CtKey, entry: &CtEntry, now: i64) -> CtRow {
     let mut flags = Vec::new();
-    for (bit, name) in [
-        (CT_F_HAIRPIN, "hairpin"),
-        (CT_F_TX_CLOSING, "tx-closing"),
-        (CT_F_RX_CLOSING, "rx-closing"),
-    ] {
+    for (bit, name) in
+        [(CT_F_HAIRPIN, "hairpin"), (CT_F_TX_CLOSING, "tx-closing"), (CT_F_RX_CLOSING, "rx-closing")]
+    {
         if entry.flags & bit != 0 {
             flags.push(name);
         }
@@ -85,14 +83,8 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
     let map: HashMap<MapData, CtKey, CtEntry> = open(root, map_name::CONNTRACK)?;
     // The datapath stamps expiry in CLOCK_MONOTONIC seconds.
     let now = clock_gettime(ClockId::CLOCK_MONOTONIC)?.tv_sec();
-    let mut rows: Vec<CtRow> = map
-        .iter()
-        .flatten()
-        .map(|(k, v)| row(&k, &v, now))
-        .collect();
-    rows.sort_by(|a, b| {
-        (&a.source, &a.destination, a.kind).cmp(&(&b.source, &b.destination, b.kind))
-    });
+    let mut rows: Vec<CtRow> = map.iter().flatten().map(|(k, v)| row(&k, &v, now)).collect();
+    rows.sort_by(|a, b| (&a.source, &a.destination, a.kind).cmp(&(&b.source, &b.destination, b.kind)));
     match format {
         Format::Json => print_json(&rows),
         Format::Table => {
@@ -101,10 +93,7 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
                     "service" => format!("backend={}", r.nat),
                     _ => format!("RevNAT={}", r.nat),
                 };
-                let client = r
-                    .client_address
-                    .map(|c| format!(" client={c}"))
-                    .unwrap_or_default();
+                let client = r.client_address.map(|c| format!(" client={c}")).unwrap_or_default();
                 println!(
                     "{} {} {} -> {} {} expires={}s {}{} ServiceID={} BackendID={} TxPackets={} TxBytes={} RxPackets={} RxBytes={} TxFlagsSeen={:#04x} RxFlagsSeen={:#04x} Flags=[{}]",
                     r.protocol,

@@ -6,8 +6,8 @@ use aya::maps::{HashMap, MapData};
 use serde::Serialize;
 use weir_abi::{
     lb::{
-        BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_CLUSTER_IP, Service,
-        ServiceKey, SlotKey,
+        BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_CLUSTER_IP, Service, ServiceKey,
+        SlotKey,
     },
     map_name, proto,
 };
@@ -62,10 +62,7 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
         let (key, svc) = entry?;
         let backends = (1..=u32::from(svc.count))
             .filter_map(|slot| {
-                let id = *slots.get(&SlotKey {
-                    service_id: svc.service_id,
-                    slot,
-                })?;
+                let id = *slots.get(&SlotKey { service_id: svc.service_id, slot })?;
                 let be = backends.get(&id)?;
                 let ep = Endpoint::from_be(be.address_be, be.port_be);
                 Some(BackendRow {
@@ -85,11 +82,7 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
         }
         rows.push(ServiceRow {
             service_id: svc.service_id,
-            frontend: Frontend {
-                address: ep.address,
-                port: ep.port,
-                protocol: proto::name(key.proto),
-            },
+            frontend: Frontend { address: ep.address, port: ep.port, protocol: proto::name(key.proto) },
             flags,
             backends,
         });
@@ -99,15 +92,10 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => print_json(&rows),
         Format::Table => {
-            println!(
-                "{:<28} {:<40} {:>4}",
-                "SERVICE ADDRESS", "BACKEND ADDRESS (SERVICE ID) (SLOT)", ""
-            );
+            println!("{:<28} {:<40} {:>4}", "SERVICE ADDRESS", "BACKEND ADDRESS (SERVICE ID) (SLOT)", "");
             for row in &rows {
-                let frontend = format!(
-                    "{}:{}/{}",
-                    row.frontend.address, row.frontend.port, row.frontend.protocol
-                );
+                let frontend =
+                    format!("{}:{}/{}", row.frontend.address, row.frontend.port, row.frontend.protocol);
                 println!(
                     "{:<28} 0.0.0.0:0 ({}) (0) [{}] backends={}",
                     frontend,

@@ -6,6 +6,8 @@ mod lb;
 mod maps;
 mod metrics;
 mod output;
+mod policy;
+mod statefile;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -17,12 +19,7 @@ use crate::output::Format;
 #[command(name = "weir", version, about = "Inspect Weir's eBPF datapath")]
 struct Cli {
     /// The agent's bpffs root (its --bpffs-root).
-    #[arg(
-        long,
-        global = true,
-        default_value = "/sys/fs/bpf/weir",
-        env = "WEIR_BPFFS_ROOT"
-    )]
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/weir", env = "WEIR_BPFFS_ROOT")]
     bpffs_root: PathBuf,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
@@ -48,6 +45,30 @@ enum Command {
         #[command(subcommand)]
         command: ListOnly,
     },
+    /// NetworkPolicy entries per local endpoint.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// The ipcache: CIDR → security identity.
+    Ipcache {
+        #[command(subcommand)]
+        command: ListOnly,
+    },
+    /// Security identities: identity → namespace and labels.
+    Identity {
+        #[command(subcommand)]
+        command: ListOnly,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Show what each endpoint allows, and why (like `cilium bpf policy get`).
+    Get {
+        /// NAMESPACE/POD or pod IP; all local endpoints when absent.
+        endpoint: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,15 +83,14 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Lb {
-            command: ListOnly::List,
-        } => lb::list(&cli.bpffs_root, cli.output),
-        Command::Ct {
-            command: ListOnly::List,
-        } => ct::list(&cli.bpffs_root, cli.output),
-        Command::Metrics {
-            command: ListOnly::List,
-        } => metrics::list(&cli.bpffs_root, cli.output),
+        Command::Lb { command: ListOnly::List } => lb::list(&cli.bpffs_root, cli.output),
+        Command::Ct { command: ListOnly::List } => ct::list(&cli.bpffs_root, cli.output),
+        Command::Metrics { command: ListOnly::List } => metrics::list(&cli.bpffs_root, cli.output),
+        Command::Policy { command: PolicyCommand::Get { endpoint } } => {
+            policy::get(&cli.bpffs_root, endpoint.as_deref(), cli.output)
+        }
+        Command::Ipcache { command: ListOnly::List } => policy::ipcache_list(&cli.bpffs_root, cli.output),
+        Command::Identity { command: ListOnly::List } => policy::identity_list(&cli.bpffs_root, cli.output),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,32 +28,18 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for code in 0..map.len() {
         let per_cpu = map.get(&code, 0)?;
-        let (packets, bytes) = per_cpu
-            .iter()
-            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        let (packets, bytes) = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
         if packets > 0 {
-            rows.push(MetricRow {
-                code,
-                reason: reason_name(code),
-                drop: is_drop(code),
-                packets,
-                bytes,
-            });
+            rows.push(MetricRow { code, reason: reason_name(code), drop: is_drop(code), packets, bytes });
         }
     }
     match format {
         Format::Json => print_json(&rows),
         Format::Table => {
-            println!(
-                "{:<6} {:<34} {:<9} {:>12} {:>14}",
-                "CODE", "REASON", "VERDICT", "PACKETS", "BYTES"
-            );
+            println!("{:<6} {:<34} {:<9} {:>12} {:>14}", "CODE", "REASON", "VERDICT", "PACKETS", "BYTES");
             for r in &rows {
                 let verdict = if r.drop { "DROPPED" } else { "FORWARDED" };
-                println!(
-                    "{:<6} {:<34} {:<9} {:>12} {:>14}",
-                    r.code, r.reason, verdict, r.packets, r.bytes
-                );
+                println!("{:<6} {:<34} {:<9} {:>12} {:>14}", r.code, r.reason, verdict, r.packets, r.bytes);
             }
             Ok(())
         }

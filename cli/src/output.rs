@@ -16,10 +16,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn from_be(address_be: u32, port_be: u16) -> Self {
-        Self {
-            address: address_be.to_ne_bytes().into(),
-            port: u16::from_be(port_be),
-        }
+        Self { address: address_be.to_ne_bytes().into(), port: u16::from_be(port_be) }
     }
 }
 

@@ -1,10 +1,10 @@
-//! Attaching the from-pod program to pod interfaces with tcx links pinned
-//! under `<root>/links/`. A pinned link outlives the agent: the datapath
-//! keeps running while the agent is stopped, and a restarted agent takes the
-//! link back and swaps in its own program atomically (BPF_LINK_UPDATE).
+//! Attaching the programs to pod interfaces with tcx links pinned under
+//! `<root>/links/`. A pinned link outlives the agent: the datapath keeps
+//! running while the agent is stopped, and a restarted agent takes the link
+//! back and swaps in its own program atomically (BPF_LINK_UPDATE).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -16,6 +16,33 @@ use aya::programs::{
 };
 use tracing::{info, warn};
 
+/// Where on a pod's host-side veth a program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    /// tcx ingress: packets the pod sends.
+    FromPod,
+    /// tcx egress: packets on their way into the pod.
+    ToPod,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+
+    fn name(self) -> &'static str {
+        match self {
+            Hook::FromPod => "from-pod",
+            Hook::ToPod => "to-pod",
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::FromPod => TcAttachType::Ingress,
+            Hook::ToPod => TcAttachType::Egress,
+        }
+    }
+}
+
 /// Interface index by name in the current network namespace.
 pub fn ifindex(name: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(name).ok()
@@ -23,83 +50,81 @@ pub fn ifindex(name: &str) -> Option<u32> {
 
 pub struct Attachments {
     dir: PathBuf,
-    /// Interfaces this agent has attached to (or adopted) since it started.
-    current: BTreeMap<String, u32>,
+    /// (hook, interface) this agent has attached to or adopted, with the ifindex.
+    current: BTreeMap<(Hook, String), u32>,
 }
 
-fn pin_name(ifname: &str, ifindex: u32) -> String {
-    format!("from-pod-{ifindex}-{ifname}")
+/// `hook:ifindex:ifname`; interface names cannot contain ':'.
+fn pin_name(hook: Hook, ifname: &str, ifindex: u32) -> String {
+    format!("{}:{ifindex}:{ifname}", hook.name())
 }
 
-/// `(ifindex, ifname)` from a pin name.
-fn parse_pin_name(name: &str) -> Option<(u32, String)> {
-    let rest = name.strip_prefix("from-pod-")?;
-    let (index, ifname) = rest.split_once('-')?;
-    Some((index.parse().ok()?, ifname.to_owned()))
+fn parse_pin_name(name: &str) -> Option<(Hook, u32, String)> {
+    let mut parts = name.splitn(3, ':');
+    let hook_name = parts.next()?;
+    let hook = Hook::ALL.into_iter().find(|h| h.name() == hook_name)?;
+    let index = parts.next()?.parse().ok()?;
+    Some((hook, index, parts.next()?.to_owned()))
 }
 
 impl Attachments {
     pub fn new(root: &Path) -> anyhow::Result<Self> {
         let dir = root.join("links");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self {
-            dir,
-            current: BTreeMap::new(),
-        })
+        Ok(Self { dir, current: BTreeMap::new() })
     }
 
-    /// Makes sure `program` runs at tcx ingress of `ifname`.
-    pub fn ensure(&mut self, program: &mut SchedClassifier, ifname: &str) -> anyhow::Result<()> {
+    /// Makes sure `program` runs at `hook` of `ifname`.
+    pub fn ensure(&mut self, hook: Hook, program: &mut SchedClassifier, ifname: &str) -> anyhow::Result<()> {
         let index = ifindex(ifname).with_context(|| format!("interface {ifname} not found"))?;
-        if self.current.get(ifname) == Some(&index) {
+        let slot = (hook, ifname.to_owned());
+        if self.current.get(&slot) == Some(&index) {
             return Ok(());
         }
-        let pin = self.dir.join(pin_name(ifname, index));
+        let pin = self.dir.join(pin_name(hook, ifname, index));
         if pin.exists() {
             // Left by an earlier run: take it over without a gap.
+            let link = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
             let link =
-                PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
-            let link = SchedClassifierLink::try_from(FdLink::from(link))
-                .context("pinned link is not a tcx link")?;
-            let id = program
-                .attach_to_link(link)
-                .context("updating the pinned link")?;
+                SchedClassifierLink::try_from(FdLink::from(link)).context("pinned link is not a tcx link")?;
+            let id = program.attach_to_link(link).context("updating the pinned link")?;
             // The pin keeps the link; dropping our handle must not detach it.
             drop(program.take_link(id)?);
-            info!(interface = ifname, "adopted pinned link");
+            info!(interface = ifname, hook = hook.name(), "adopted pinned link");
         } else {
             let id = program
-                .attach(ifname, TcAttachType::Ingress)
-                .with_context(|| format!("attaching to {ifname}"))?;
+                .attach(ifname, hook.attach_type())
+                .with_context(|| format!("attaching {} to {ifname}", hook.name()))?;
             let link = FdLink::try_from(program.take_link(id)?).context("tcx link expected")?;
-            link.pin(&pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
-            info!(interface = ifname, ifindex = index, "attached");
+            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+            info!(interface = ifname, ifindex = index, hook = hook.name(), "attached");
         }
-        self.current.insert(ifname.to_owned(), index);
+        self.current.insert(slot, index);
         Ok(())
     }
 
     /// Removes the pins of links whose interface is gone or is not a local
     /// pod's any more; the kernel detaches a link when its last pin goes.
-    pub fn prune(&mut self, keep: &BTreeMap<String, u32>) -> anyhow::Result<()> {
+    pub fn prune(&mut self, keep: &BTreeSet<(String, u32)>) -> anyhow::Result<()> {
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let stale = match parse_pin_name(&name) {
-                Some((index, ifname)) => {
-                    keep.get(&ifname) != Some(&index) || ifindex(&ifname) != Some(index)
+            let parsed = parse_pin_name(&name);
+            let stale = match &parsed {
+                Some((_, index, ifname)) => {
+                    !keep.contains(&(ifname.clone(), *index)) || ifindex(ifname) != Some(*index)
                 }
                 None => true,
             };
-            if stale {
-                match std::fs::remove_file(entry.path()) {
-                    Ok(()) => info!(pin = %name, "removed stale link"),
-                    Err(err) => warn!(pin = %name, error = %err, "cannot remove stale link"),
-                }
-                if let Some((_, ifname)) = parse_pin_name(&name) {
-                    self.current.remove(&ifname);
-                }
+            if !stale {
+                continue;
+            }
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => info!(pin = %name, "removed stale link"),
+                Err(err) => warn!(pin = %name, error = %err, "cannot remove stale link"),
+            }
+            if let Some((hook, _, ifname)) = parsed {
+                self.current.remove(&(hook, ifname));
             }
         }
         Ok(())
@@ -108,12 +133,12 @@ impl Attachments {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn pin_names_round_trip() {
-        let name = super::pin_name("lxc-ab-1", 42);
-        assert_eq!(
-            super::parse_pin_name(&name),
-            Some((42, "lxc-ab-1".to_owned()))
-        );
+        let name = pin_name(Hook::ToPod, "lxc-ab.1", 42);
+        assert_eq!(parse_pin_name(&name), Some((Hook::ToPod, 42, "lxc-ab.1".to_owned())));
+        assert_eq!(parse_pin_name("from-pod-2-lxc"), None, "foreign pins are not ours to parse");
     }
 }

@@ -8,9 +8,7 @@ use weir_abi::ct::{CtEntry, CtKey};
 
 /// Seconds of CLOCK_MONOTONIC: the clock behind `bpf_ktime_get_ns`.
 pub fn now_secs() -> u32 {
-    clock_gettime(ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u32)
-        .unwrap_or(0)
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map(|t| t.tv_sec() as u32).unwrap_or(0)
 }
 
 /// Outcome of one GC pass.

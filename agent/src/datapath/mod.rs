@@ -8,25 +8,38 @@ pub mod conntrack;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use std::net::Ipv4Addr;
+
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError},
+    maps::{
+        Array, HashMap, MapData, MapError,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::SchedClassifier,
 };
+use ipnetwork::Ipv4Network;
 use weir_abi::{
     config::Config,
     ct::{CtEntry, CtKey},
     lb::{Backend, Service, ServiceKey, SlotKey},
     map_name,
+    policy::{EndpointInfo, IpcacheEntry, IpcacheKey, PolicyEntry, PolicyKey},
 };
 
-use crate::lb::sync::{LbMaps, LbState, MapWriteError};
+use self::attach::Hook;
+use crate::{
+    lb::sync::{LbMaps, LbState, MapWriteError},
+    policy::sync::{PolicyMaps, PolicyState},
+};
 
 /// The compiled programs (built by build.rs with aya-build).
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir"));
 
 /// The program attached at tcx ingress of each local pod's host-side veth.
 pub const FROM_POD_PROGRAM: &str = "weir_from_pod";
+/// The program attached at tcx egress of each local pod's host-side veth.
+pub const TO_POD_PROGRAM: &str = "weir_to_pod";
 
 /// Map capacities (entries).
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +48,8 @@ pub struct MapSizes {
     pub slots: u32,
     pub backends: u32,
     pub conntrack: u32,
+    pub ipcache: u32,
+    pub policy: u32,
 }
 
 pub struct Datapath {
@@ -45,16 +60,14 @@ pub struct Datapath {
     backends: HashMap<MapData, u32, Backend>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     config: Array<MapData, Config>,
+    ipcache: LpmTrie<MapData, IpcacheKey, IpcacheEntry>,
+    endpoints: HashMap<MapData, u32, EndpointInfo>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
     root: PathBuf,
 }
 
-fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
-    ebpf: &mut Ebpf,
-    name: &str,
-) -> anyhow::Result<T> {
-    let map = ebpf
-        .take_map(name)
-        .with_context(|| format!("map {name} missing from the programs"))?;
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T> {
+    let map = ebpf.take_map(name).with_context(|| format!("map {name} missing from the programs"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
@@ -70,20 +83,27 @@ impl Datapath {
             .map_max_entries(map_name::SLOTS, sizes.slots)
             .map_max_entries(map_name::BACKENDS, sizes.backends)
             .map_max_entries(map_name::CONNTRACK, sizes.conntrack)
+            .map_max_entries(map_name::IPCACHE, sizes.ipcache)
+            .map_max_entries(map_name::POLICY, sizes.policy)
             .load(PROGRAMS)
             .context("loading the eBPF programs")?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(FROM_POD_PROGRAM)
-            .context("program missing")?
-            .try_into()
-            .context("program type")?;
-        program.load().context("verifying the from-pod program")?;
+        for name in [FROM_POD_PROGRAM, TO_POD_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()
+                .context("program type")?;
+            program.load().with_context(|| format!("verifying {name}"))?;
+        }
         Ok(Self {
             services: take(&mut ebpf, map_name::SERVICES)?,
             slots: take(&mut ebpf, map_name::SLOTS)?,
             backends: take(&mut ebpf, map_name::BACKENDS)?,
             conntrack: take(&mut ebpf, map_name::CONNTRACK)?,
             config: take(&mut ebpf, map_name::CONFIG)?,
+            ipcache: take(&mut ebpf, map_name::IPCACHE)?,
+            endpoints: take(&mut ebpf, map_name::ENDPOINTS)?,
+            policy: take(&mut ebpf, map_name::POLICY)?,
             ebpf,
             root: root.to_owned(),
         })
@@ -93,38 +113,55 @@ impl Datapath {
         &self.root
     }
 
-    pub fn from_pod_program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
-        let program = self
-            .ebpf
-            .program_mut(FROM_POD_PROGRAM)
-            .context("program missing")?;
+    pub fn program(&mut self, hook: Hook) -> anyhow::Result<&mut SchedClassifier> {
+        let name = match hook {
+            Hook::FromPod => FROM_POD_PROGRAM,
+            Hook::ToPod => TO_POD_PROGRAM,
+        };
+        let program = self.ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
         Ok(program.try_into()?)
     }
 
     pub fn write_config(&mut self, config: &Config) -> anyhow::Result<()> {
-        self.config
-            .set(0, config, 0)
-            .context("writing the datapath configuration")
+        self.config.set(0, config, 0).context("writing the datapath configuration")
     }
 
     /// Rebuilds the load-balancer mirror from the pinned maps.
     pub fn adopt_lb_state(&self) -> anyhow::Result<LbState> {
-        let services = self
-            .services
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .context("reading services")?;
-        let slots = self
-            .slots
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .context("reading slots")?;
-        let backends = self
-            .backends
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .context("reading backends")?;
+        let services = self.services.iter().collect::<Result<Vec<_>, _>>().context("reading services")?;
+        let slots = self.slots.iter().collect::<Result<Vec<_>, _>>().context("reading slots")?;
+        let backends = self.backends.iter().collect::<Result<Vec<_>, _>>().context("reading backends")?;
         Ok(LbState::adopt(services, slots, backends))
+    }
+
+    /// Rebuilds the policy mirror from the pinned maps.
+    pub fn adopt_policy_state(&self) -> anyhow::Result<PolicyState> {
+        let ipcache = self
+            .ipcache
+            .iter()
+            .map(|r| r.map(|(k, v)| (k, v)))
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading the ipcache")?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let addr = Ipv4Addr::from(k.data().address_be.to_ne_bytes());
+                Some((Ipv4Network::new(addr, k.prefix_len() as u8).ok()?, v.identity))
+            });
+        let endpoints = self
+            .endpoints
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading endpoints")?
+            .into_iter()
+            .map(|(ip, info)| (Ipv4Addr::from(ip.to_ne_bytes()), info));
+        let policy = self
+            .policy
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading policy entries")?
+            .into_iter()
+            .map(|(k, v)| ((k.data(), k.prefix_len()), v));
+        Ok(PolicyState::adopt(ipcache.collect::<Vec<_>>(), endpoints, policy))
     }
 
     pub fn conntrack_mut(&mut self) -> &mut HashMap<MapData, CtKey, CtEntry> {
@@ -133,14 +170,8 @@ impl Datapath {
 }
 
 fn write_error(map: &'static str, op: &'static str, err: MapError) -> MapWriteError {
-    let full =
-        matches!(&err, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG));
-    MapWriteError {
-        map,
-        op,
-        reason: err.to_string(),
-        full,
-    }
+    let full = matches!(&err, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG));
+    MapWriteError { map, op, reason: err.to_string(), full }
 }
 
 fn ignore_absent(result: Result<(), MapError>) -> Result<(), MapError> {
@@ -153,29 +184,63 @@ fn ignore_absent(result: Result<(), MapError>) -> Result<(), MapError> {
 
 impl LbMaps for Datapath {
     fn put_service(&mut self, key: &ServiceKey, value: &Service) -> Result<(), MapWriteError> {
-        self.services
-            .insert(key, value, 0)
-            .map_err(|e| write_error(map_name::SERVICES, "update", e))
+        self.services.insert(key, value, 0).map_err(|e| write_error(map_name::SERVICES, "update", e))
     }
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapWriteError> {
-        ignore_absent(self.services.remove(key))
-            .map_err(|e| write_error(map_name::SERVICES, "delete", e))
+        ignore_absent(self.services.remove(key)).map_err(|e| write_error(map_name::SERVICES, "delete", e))
     }
     fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> Result<(), MapWriteError> {
-        self.slots
-            .insert(key, backend_id, 0)
-            .map_err(|e| write_error(map_name::SLOTS, "update", e))
+        self.slots.insert(key, backend_id, 0).map_err(|e| write_error(map_name::SLOTS, "update", e))
     }
     fn delete_slot(&mut self, key: &SlotKey) -> Result<(), MapWriteError> {
         ignore_absent(self.slots.remove(key)).map_err(|e| write_error(map_name::SLOTS, "delete", e))
     }
     fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapWriteError> {
-        self.backends
-            .insert(id, value, 0)
-            .map_err(|e| write_error(map_name::BACKENDS, "update", e))
+        self.backends.insert(id, value, 0).map_err(|e| write_error(map_name::BACKENDS, "update", e))
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError> {
-        ignore_absent(self.backends.remove(&id))
-            .map_err(|e| write_error(map_name::BACKENDS, "delete", e))
+        ignore_absent(self.backends.remove(&id)).map_err(|e| write_error(map_name::BACKENDS, "delete", e))
+    }
+}
+
+fn ipcache_key(prefix: Ipv4Network) -> Key<IpcacheKey> {
+    Key::new(
+        u32::from(prefix.prefix()),
+        IpcacheKey { address_be: u32::from_ne_bytes(prefix.network().octets()) },
+    )
+}
+
+impl PolicyMaps for Datapath {
+    fn put_ipcache(&mut self, prefix: Ipv4Network, identity: u32) -> Result<(), MapWriteError> {
+        self.ipcache
+            .insert(&ipcache_key(prefix), IpcacheEntry { identity, _pad: 0 }, 0)
+            .map_err(|e| write_error(map_name::IPCACHE, "update", e))
+    }
+    fn delete_ipcache(&mut self, prefix: Ipv4Network) -> Result<(), MapWriteError> {
+        ignore_absent(self.ipcache.remove(&ipcache_key(prefix)))
+            .map_err(|e| write_error(map_name::IPCACHE, "delete", e))
+    }
+    fn put_endpoint(&mut self, ip: Ipv4Addr, info: &EndpointInfo) -> Result<(), MapWriteError> {
+        self.endpoints
+            .insert(u32::from_ne_bytes(ip.octets()), info, 0)
+            .map_err(|e| write_error(map_name::ENDPOINTS, "update", e))
+    }
+    fn delete_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), MapWriteError> {
+        ignore_absent(self.endpoints.remove(&u32::from_ne_bytes(ip.octets())))
+            .map_err(|e| write_error(map_name::ENDPOINTS, "delete", e))
+    }
+    fn put_policy(
+        &mut self,
+        key: &PolicyKey,
+        prefix_len: u32,
+        entry: &PolicyEntry,
+    ) -> Result<(), MapWriteError> {
+        self.policy
+            .insert(&Key::new(prefix_len, *key), entry, 0)
+            .map_err(|e| write_error(map_name::POLICY, "update", e))
+    }
+    fn delete_policy(&mut self, key: &PolicyKey, prefix_len: u32) -> Result<(), MapWriteError> {
+        ignore_absent(self.policy.remove(&Key::new(prefix_len, *key)))
+            .map_err(|e| write_error(map_name::POLICY, "delete", e))
     }
 }

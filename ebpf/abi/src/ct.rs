@@ -10,8 +10,12 @@
 
 /// Entry keyed by the client's original tuple (destination = frontend).
 pub const CT_KIND_SERVICE: u8 = 1;
-/// Entry keyed by the translated tuple (destination = backend).
+/// Entry keyed by the translated tuple (destination = backend), or by the
+/// tuple of a connection a local pod opened without a service.
 pub const CT_KIND_FLOW: u8 = 2;
+/// Entry keyed by the tuple of a connection arriving at a local pod, created
+/// where its ingress policy is checked.
+pub const CT_KIND_INGRESS: u8 = 3;
 
 /// Conntrack key. Addresses and ports are those of the original direction.
 #[repr(C)]

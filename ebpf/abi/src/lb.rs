@@ -16,12 +16,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 
 impl ServiceKey {
     pub const fn new(address_be: u32, port_be: u16, proto: u8) -> Self {
-        Self {
-            address_be,
-            port_be,
-            proto,
-            _pad: 0,
-        }
+        Self { address_be, port_be, proto, _pad: 0 }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod config;
 pub mod ct;
 pub mod lb;
 pub mod metrics;
+pub mod policy;
 
 /// IP protocol numbers as they appear in the IPv4 header.
 pub mod proto {
@@ -51,8 +52,17 @@ pub mod map_name {
     pub const METRICS: &str = "METRICS_V1";
     /// One-element array holding [`crate::config::Config`].
     pub const CONFIG: &str = "CONFIG_V1";
+    /// LPM trie: CIDR ([`crate::policy::IpcacheKey`]) → [`crate::policy::IpcacheEntry`].
+    pub const IPCACHE: &str = "IPCACHE_V1";
+    /// Local pod IPv4 (network order `u32`) → [`crate::policy::EndpointInfo`].
+    pub const ENDPOINTS: &str = "ENDPOINTS_V1";
+    /// LPM trie: [`crate::policy::PolicyKey`] → [`crate::policy::PolicyEntry`].
+    pub const POLICY: &str = "POLICY_V1";
+    /// Per-CPU hash: [`crate::policy::EndpointMetricKey`] → [`crate::metrics::Counter`].
+    pub const ENDPOINT_METRICS: &str = "EP_METRICS_V1";
 
-    pub const ALL: [&str; 6] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, METRICS, CONFIG];
+    pub const ALL: [&str; 10] =
+        [SERVICES, SLOTS, BACKENDS, CONNTRACK, METRICS, CONFIG, IPCACHE, ENDPOINTS, POLICY, ENDPOINT_METRICS];
 }
 
 /// Default map capacities; the agent overrides them from its flags.
@@ -67,4 +77,12 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     /// One counter per reason code.
     pub const METRICS: u32 = 256;
+    /// Pod IPs cluster-wide plus policy CIDRs (Cilium's default is 512k).
+    pub const IPCACHE: u32 = 131_072;
+    /// Pods on this node.
+    pub const ENDPOINTS: u32 = 4_096;
+    /// Policy entries over all local endpoints.
+    pub const POLICY: u32 = 262_144;
+    /// (endpoint, reason) drop counters.
+    pub const ENDPOINT_METRICS: u32 = 16_384;
 }

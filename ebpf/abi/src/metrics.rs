@@ -20,7 +20,11 @@ pub const SERVICE_ESTABLISHED: u32 = 2;
 pub const REVERSE_NAT: u32 = 3;
 /// A new hairpin connection (client is its own backend) was translated.
 pub const HAIRPIN_NEW: u32 = 4;
+/// A new connection was allowed by policy (or by the absence of any).
+pub const POLICY_ALLOWED: u32 = 5;
 
+/// Cilium's DROP_POLICY: no policy entry allows the connection.
+pub const DROP_POLICY_DENIED: u32 = 133;
 /// Cilium's DROP_INVALID: the packet is truncated or malformed.
 pub const DROP_INVALID: u32 = 134;
 /// Cilium's DROP_WRITE_ERROR: rewriting the packet failed.
@@ -40,6 +44,8 @@ pub fn reason_name(reason: u32) -> &'static str {
         SERVICE_ESTABLISHED => "Service established",
         REVERSE_NAT => "Reverse NAT",
         HAIRPIN_NEW => "Service hairpin new connection",
+        POLICY_ALLOWED => "Policy allowed new connection",
+        DROP_POLICY_DENIED => "Policy denied",
         DROP_INVALID => "Invalid packet",
         DROP_WRITE_ERROR => "Error writing to packet",
         DROP_CT_CREATE_FAILED => "CT: Map insertion failed",

@@ -4,8 +4,8 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use weir_abi::{
     config::Config,
     ct::{
-        CT_F_RX_CLOSING, CT_F_TX_CLOSING, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
-        CtEntry, lifetime,
+        CT_F_RX_CLOSING, CT_F_TX_CLOSING, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtEntry,
+        lifetime,
     },
     proto,
 };

@@ -25,18 +25,9 @@ pub fn select_backend(svc: &Service) -> Result<(u32, Backend), u32> {
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
     let slot = random % u32::from(svc.count) + 1;
-    let slot_key = SlotKey {
-        service_id: svc.service_id,
-        slot,
-    };
+    let slot_key = SlotKey { service_id: svc.service_id, slot };
     // SAFETY: values are copied out at once.
-    let backend_id = SLOTS
-        .get_ptr(&slot_key)
-        .map(|id| unsafe { *id })
-        .ok_or(DROP_NO_SERVICE)?;
-    let backend = BACKENDS
-        .get_ptr(&backend_id)
-        .map(|be| unsafe { *be })
-        .ok_or(DROP_NO_SERVICE)?;
+    let backend_id = SLOTS.get_ptr(&slot_key).map(|id| unsafe { *id }).ok_or(DROP_NO_SERVICE)?;
+    let backend = BACKENDS.get_ptr(&backend_id).map(|be| unsafe { *be }).ok_or(DROP_NO_SERVICE)?;
     Ok((backend_id, backend))
 }

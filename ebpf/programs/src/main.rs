@@ -11,6 +11,8 @@
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
+mod from_pod;
+#[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
@@ -21,7 +23,16 @@ mod nat;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
-mod service;
+mod policy;
+#[cfg(target_arch = "bpf")]
+mod to_pod;
+
+/// What a program decided about a packet.
+#[cfg(target_arch = "bpf")]
+pub enum Verdict {
+    Pass,
+    Drop(u32),
+}
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -31,17 +42,33 @@ mod programs {
         programs::TcContext,
     };
 
-    use crate::{metrics, packet, service, service::Verdict};
+    use crate::{Verdict, from_pod, metrics, packet, to_pod};
 
     /// Attached to tcx ingress of a pod's host-side veth: traffic from the pod.
     #[classifier]
     pub fn weir_from_pod(ctx: TcContext) -> i32 {
         let verdict = match packet::parse(&ctx) {
-            Ok(Some(pkt)) => service::handle(&ctx, &pkt),
-            // Not IPv4 TCP/UDP, or a non-first fragment: not ours to translate.
+            Ok(Some(pkt)) => from_pod::handle(&ctx, &pkt),
+            // Not IPv4 TCP/UDP/SCTP, or a non-first fragment: not ours.
             Ok(None) => Verdict::Pass,
             Err(reason) => Verdict::Drop(reason),
         };
+        finish(&ctx, verdict)
+    }
+
+    /// Attached to tcx egress of a pod's host-side veth: traffic to the pod.
+    #[classifier]
+    pub fn weir_to_pod(ctx: TcContext) -> i32 {
+        let verdict = match packet::parse(&ctx) {
+            Ok(Some(pkt)) => to_pod::handle(&ctx, &pkt),
+            Ok(None) => Verdict::Pass,
+            Err(reason) => Verdict::Drop(reason),
+        };
+        finish(&ctx, verdict)
+    }
+
+    #[inline(always)]
+    fn finish(ctx: &TcContext, verdict: Verdict) -> i32 {
         match verdict {
             Verdict::Pass => TC_ACT_OK as i32,
             Verdict::Drop(reason) => {

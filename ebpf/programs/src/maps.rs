@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weir_abi::{
     capacity,
@@ -11,6 +11,7 @@ use weir_abi::{
     ct::{CtEntry, CtKey},
     lb::{Backend, Service, ServiceKey, SlotKey},
     metrics::Counter,
+    policy::{EndpointInfo, EndpointMetricKey, IpcacheEntry, IpcacheKey, PolicyEntry, PolicyKey},
 };
 
 #[map(name = "LB4_SERVICES_V1")]
@@ -30,3 +31,16 @@ pub static METRICS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::METRICS
 
 #[map(name = "CONFIG_V1")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "IPCACHE_V1")]
+pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheEntry> = LpmTrie::pinned(capacity::IPCACHE, 0);
+
+#[map(name = "ENDPOINTS_V1")]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+#[map(name = "POLICY_V1")]
+pub static POLICY: LpmTrie<PolicyKey, PolicyEntry> = LpmTrie::pinned(capacity::POLICY, 0);
+
+#[map(name = "EP_METRICS_V1")]
+pub static ENDPOINT_METRICS: PerCpuHashMap<EndpointMetricKey, Counter> =
+    PerCpuHashMap::pinned(capacity::ENDPOINT_METRICS, 0);

@@ -20,22 +20,12 @@ pub enum End {
 #[inline(always)]
 fn l4_flags(pkt: &Packet) -> u64 {
     // A UDP checksum of zero means "none": keep it so, and never produce zero.
-    if pkt.is_udp {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    }
+    if pkt.is_udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 }
 }
 
 /// Rewrites one address of the packet.
 #[inline(always)]
-pub fn rewrite_addr(
-    ctx: &TcContext,
-    pkt: &Packet,
-    end: End,
-    old_be: u32,
-    new_be: u32,
-) -> Result<(), u32> {
+pub fn rewrite_addr(ctx: &TcContext, pkt: &Packet, end: End, old_be: u32, new_be: u32) -> Result<(), u32> {
     if old_be == new_be {
         return Ok(());
     }
@@ -57,13 +47,7 @@ pub fn rewrite_addr(
 
 /// Rewrites one port of the packet.
 #[inline(always)]
-pub fn rewrite_port(
-    ctx: &TcContext,
-    pkt: &Packet,
-    end: End,
-    old_be: u16,
-    new_be: u16,
-) -> Result<(), u32> {
+pub fn rewrite_port(ctx: &TcContext, pkt: &Packet, end: End, old_be: u16, new_be: u16) -> Result<(), u32> {
     if old_be == new_be {
         return Ok(());
     }
@@ -71,12 +55,7 @@ pub fn rewrite_port(
         End::Source => pkt.l4_off,
         End::Destination => pkt.l4_off + 2,
     };
-    ctx.l4_csum_replace(
-        pkt.l4_csum_off,
-        u64::from(old_be),
-        u64::from(new_be),
-        l4_flags(pkt) | 2,
-    )
-    .map_err(|_| DROP_WRITE_ERROR)?;
+    ctx.l4_csum_replace(pkt.l4_csum_off, u64::from(old_be), u64::from(new_be), l4_flags(pkt) | 2)
+        .map_err(|_| DROP_WRITE_ERROR)?;
     ctx.store(off, &new_be, 0).map_err(|_| DROP_WRITE_ERROR)
 }

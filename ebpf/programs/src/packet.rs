@@ -33,6 +33,10 @@ pub struct Packet {
     pub l4_csum_off: usize,
     /// UDP: a zero checksum means "none" and must stay zero.
     pub is_udp: bool,
+    /// Whether the datapath can rewrite this packet (TCP, UDP). SCTP's CRC32c
+    /// cannot be updated incrementally, so SCTP is matched by policy but not
+    /// load-balanced.
+    pub can_nat: bool,
 }
 
 #[inline(always)]
@@ -92,6 +96,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
                 l4_off,
                 l4_csum_off: l4_off + 16,
                 is_udp: false,
+                can_nat: true,
             }))
         }
         proto::UDP => {
@@ -108,6 +113,25 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
                 l4_off,
                 l4_csum_off: l4_off + 6,
                 is_udp: true,
+                can_nat: true,
+            }))
+        }
+        proto::SCTP => {
+            // The common header: ports, verification tag, checksum.
+            let sctp = ptr_at::<[u8; 12]>(ctx, l4_off).ok_or(DROP_INVALID)?;
+            // SAFETY: bounds checked by ptr_at.
+            let sctp = unsafe { &*sctp };
+            Ok(Some(Packet {
+                saddr_be,
+                daddr_be,
+                sport_be: u16::from_ne_bytes([sctp[0], sctp[1]]),
+                dport_be: u16::from_ne_bytes([sctp[2], sctp[3]]),
+                proto: l4_proto,
+                tcp_flags: 0,
+                l4_off,
+                l4_csum_off: l4_off + 8,
+                is_udp: false,
+                can_nat: false,
             }))
         }
         _ => Ok(None),
