@@ -7,13 +7,20 @@
 
 mod cluster;
 mod datapath;
+mod health;
 mod lb;
+mod metrics;
+mod names;
 mod node;
 mod pods;
+mod policy;
 mod source;
+mod statefile;
 mod system;
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    collections::BTreeMap, net::Ipv4Addr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -23,8 +30,10 @@ use tracing::{info, warn};
 use weir_abi::{capacity, config::Config};
 
 use crate::{
-    datapath::{Datapath, MapSizes, attach::Attachments, conntrack},
-    source::{Source, SourceSpec},
+    datapath::{Datapath, MapSizes, conntrack},
+    health::Health,
+    metrics::Metrics,
+    source::{Source, SourceSpec, kube::KubeOptions},
 };
 
 #[derive(Debug, Parser)]
@@ -34,9 +43,30 @@ use crate::{
     about = "Weir's node agent: eBPF service load balancing for Kubernetes"
 )]
 struct Args {
-    /// Where Kubernetes objects come from: dir:PATH (manifests in a directory, watched).
+    /// Where Kubernetes objects come from: `kube` (the API server) or
+    /// dir:PATH (manifests in a directory, watched).
     #[arg(long)]
     source: SourceSpec,
+    /// With --source kube: the kubeconfig to use (default: $KUBECONFIG,
+    /// ~/.kube/config, then the in-cluster service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// With --source kube: the API server's URL (or host:port), overriding the
+    /// kubeconfig's. In a pod, KUBERNETES_SERVICE_HOST/PORT set to the real
+    /// API server do the same: the `kubernetes` ClusterIP is not usable by
+    /// the component that programs ClusterIPs.
+    #[arg(long, env = "WEIR_API_SERVER")]
+    api_server: Option<String>,
+    /// Address of /healthz and /livez (kube-proxy's port); empty disables, port 0 picks one.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+    /// Address of /metrics (kube-proxy's port); empty disables, port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
+    /// Seconds between full reconciliations from the last known state, also
+    /// when nothing changed (retries failed map writes, repairs tampering).
+    #[arg(long, default_value_t = 30)]
+    sync_period: u64,
     /// This node's name: pods with this spec.nodeName are local.
     #[arg(long, env = "WEIR_NODE_NAME")]
     node_name: String,
@@ -63,6 +93,13 @@ struct Args {
     map_size_backends: u32,
     #[arg(long, default_value_t = capacity::CONNTRACK)]
     map_size_ct: u32,
+    /// Do not emit flow events from the datapath (for measuring their cost).
+    #[arg(long)]
+    no_flow_events: bool,
+    #[arg(long, default_value_t = capacity::IPCACHE)]
+    map_size_ipcache: u32,
+    #[arg(long, default_value_t = capacity::POLICY)]
+    map_size_policy: u32,
     /// Conntrack lifetime of TCP connections that have not completed the handshake (seconds).
     #[arg(long, default_value_t = weir_abi::ct::lifetime::TCP_SYN)]
     ct_lifetime_tcp_syn: u32,
@@ -87,7 +124,7 @@ impl Args {
             lifetime_tcp_established: self.ct_lifetime_tcp_established,
             lifetime_tcp_close: self.ct_lifetime_tcp_close,
             lifetime_non_tcp: self.ct_lifetime_non_tcp,
-            _pad: 0,
+            flags: if self.no_flow_events { 0 } else { weir_abi::config::CONFIG_F_EVENTS },
         }
     }
 }
@@ -108,10 +145,7 @@ fn main() -> ExitCode {
         eprintln!("weir-agent: {err:#}");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("weir-agent: starting the runtime: {err}");
@@ -128,32 +162,40 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Health first: probes get 503 (not "connection refused") while loading.
+    let metrics = Arc::new(Metrics::new(&args.bpffs_root));
+    let health = Arc::new(Health::new(health::DEFAULT_TIMEOUT, metrics.clone()));
+    if let Some(listener) = health::bind("health", &args.healthz_bind_address).await? {
+        tokio::spawn(health::serve(listener, health.clone()));
+    }
+    if let Some(listener) = health::bind("metrics", &args.metrics_bind_address).await? {
+        tokio::spawn(metrics::serve(listener, metrics.clone()));
+    }
+
     system::ensure_bpffs(&args.bpffs_root)?;
     let sizes = MapSizes {
         services: args.map_size_services,
         slots: args.map_size_slots,
         backends: args.map_size_backends,
         conntrack: args.map_size_ct,
+        ipcache: args.map_size_ipcache,
+        policy: args.map_size_policy,
     };
     let mut datapath = Datapath::load(&args.bpffs_root, sizes)?;
     datapath.write_config(&args.datapath_config())?;
-    let lb = datapath.adopt_lb_state()?;
-    let (frontends, backends) = lb.len();
-    info!(root = %args.bpffs_root.display(), frontends, backends, "datapath loaded; adopted pinned state");
-    let attachments = Attachments::new(datapath.root())?;
-    let mut agent = node::Agent {
-        node_name: args.node_name.clone(),
-        datapath,
-        lb,
-        attachments,
-        local_pods: BTreeMap::new(),
-    };
+    let mut agent = node::Agent::adopt(args.node_name.clone(), datapath)?;
 
-    let mut source = Source::start(&args.source)?;
+    let kube_options =
+        KubeOptions { kubeconfig: args.kubeconfig.clone(), api_server: args.api_server.clone() };
+    let mut source = Source::start(&args.source, &kube_options, metrics.clone(), health.clone()).await?;
     let mut synced = false;
+    let mut last: Option<cluster::Cluster> = None;
+    let mut programming = ProgrammingLatency::default();
 
     let mut retry_attach = tokio::time::interval(Duration::from_secs(1));
     let mut gc = tokio::time::interval(Duration::from_secs(args.ct_gc_interval.max(1)));
+    let mut resync = tokio::time::interval(Duration::from_secs(args.sync_period.max(1)));
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     loop {
@@ -162,18 +204,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Ok(cluster) => {
                     // Nothing is removed before this first complete read: a
                     // restart must not flush maps that live connections use.
+                    let started = std::time::Instant::now();
                     agent.apply(&cluster);
+                    metrics.synced(started.elapsed());
+                    health.updated();
+                    source.programmed();
+                    programming.observe(&cluster, &metrics);
+                    if let Some(eligible) = source.node_eligible(&args.node_name) {
+                        health.set_node_eligible(eligible);
+                    }
                     if !synced {
                         synced = true;
-                        info!(source = ?args.source, "initial sync complete");
+                        info!(source = ?args.source, elapsed_ms = started.elapsed().as_millis() as u64, "initial sync complete");
                     }
+                    last = Some(cluster);
                 }
                 // The maps keep their last good state meanwhile.
                 Err(err) => warn!(error = %format!("{err:#}"), "cannot read the source; keeping the current state"),
             },
             _ = retry_attach.tick(), if synced => agent.attach_local_pods(false),
+            _ = resync.tick(), if synced => {
+                if let Some(cluster) = &last {
+                    let started = std::time::Instant::now();
+                    agent.apply(cluster);
+                    metrics.synced(started.elapsed());
+                    health.updated();
+                }
+            }
             _ = gc.tick() => {
+                let started = std::time::Instant::now();
                 let report = conntrack::collect_garbage(agent.datapath.conntrack_mut(), conntrack::now_secs());
+                metrics.ct_gc_duration.observe(started.elapsed().as_secs_f64());
+                metrics.ct_gc_runs.inc();
+                metrics.ct_gc_deleted.inc_by(report.deleted as u64);
                 if report.deleted > 0 {
                     info!(scanned = report.scanned, deleted = report.deleted, "conntrack GC");
                 }
@@ -184,4 +247,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     info!("stopping; programs and maps stay pinned and keep serving");
     Ok(())
+}
+
+/// `kubeproxy_network_programming_duration_seconds`: for every EndpointSlice
+/// whose `endpoints.kubernetes.io/last-change-trigger-time` changed, the time
+/// from that trigger to the end of the reconciliation that programmed it.
+/// Like kube-proxy, triggers from before the agent started are ignored (they
+/// would measure the agent's downtime, not programming).
+struct ProgrammingLatency {
+    started: k8s_openapi::jiff::Timestamp,
+    seen: BTreeMap<String, k8s_openapi::jiff::Timestamp>,
+}
+
+impl Default for ProgrammingLatency {
+    fn default() -> Self {
+        Self { started: k8s_openapi::jiff::Timestamp::now(), seen: BTreeMap::new() }
+    }
+}
+
+impl ProgrammingLatency {
+    fn observe(&mut self, cluster: &cluster::Cluster, metrics: &Metrics) {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let times = source::kube::trigger_times(cluster);
+        for (slice, time) in &times {
+            if *time > self.started && self.seen.get(slice) != Some(time) {
+                let latency = now.duration_since(*time);
+                metrics.network_programming.observe(latency.as_secs_f64().max(0.0));
+            }
+        }
+        self.seen = times;
+    }
 }

@@ -2,8 +2,9 @@
 //! program the load-balancer and policy maps, attach to local pods.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use tracing::{info, warn};
@@ -15,6 +16,7 @@ use crate::{
         attach::{Attachments, Hook},
     },
     lb::{self, sync::LbState, translate::desired_frontends},
+    names::{self, Names, NamesReceiver, NamesSender, PodName, ServiceName},
     pods,
     policy::{self, sync::PolicyState},
     statefile, system,
@@ -31,6 +33,8 @@ pub struct Agent {
     pub local_pods: BTreeMap<Ipv4Addr, String>,
     /// The last state file written, to write it only when it changes.
     state_file: String,
+    /// Names for the flow monitor, republished after every apply.
+    names: NamesSender,
 }
 
 impl Agent {
@@ -56,19 +60,63 @@ impl Agent {
             attachments,
             local_pods: BTreeMap::new(),
             state_file: String::new(),
+            names: names::channel().0,
         })
+    }
+
+    /// Follows the names of pods, services and identities as they change.
+    pub fn names(&self) -> NamesReceiver {
+        self.names.subscribe()
     }
 
     /// Applies a full read of the cluster: the load-balancer maps, the
     /// policy maps, then the attachments to local pods.
     pub fn apply(&mut self, cluster: &Cluster) {
-        self.apply_services(cluster);
-        self.apply_policy(cluster);
+        let services = self.apply_services(cluster);
+        let identities = self.apply_policy(cluster);
+        self.publish_names(cluster, services, identities);
         self.local_pods = pods::local_pod_ips(cluster, &self.node_name);
         self.attach_local_pods(true);
     }
 
-    fn apply_policy(&mut self, cluster: &Cluster) {
+    fn publish_names(
+        &mut self,
+        cluster: &Cluster,
+        services: HashMap<u32, ServiceName>,
+        identities: HashMap<u32, Vec<String>>,
+    ) {
+        let mut pods = HashMap::new();
+        for pod in &cluster.pods {
+            let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse().ok())
+            else {
+                continue;
+            };
+            let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let labels: Vec<String> =
+                pod.metadata.labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+            let identity = identities
+                .iter()
+                .find(|(_, l)| {
+                    l.first().map(String::as_str) == Some(namespace.as_str()) && l[1..] == labels[..]
+                })
+                .map_or(0, |(id, _)| *id);
+            pods.insert(
+                ip,
+                PodName {
+                    namespace,
+                    name: pod.metadata.name.clone().unwrap_or_default(),
+                    labels,
+                    node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+                    identity,
+                },
+            );
+        }
+        let names = Names { node_name: self.node_name.clone(), pods, services, identities };
+        self.names.send_replace(Arc::new(names));
+    }
+
+    /// Returns identity → `[namespace, key=value…]` (or `[cidr:…]`).
+    fn apply_policy(&mut self, cluster: &Cluster) -> HashMap<u32, Vec<String>> {
         let started = std::time::Instant::now();
         let desired = policy::compute::compute(cluster, &self.node_name);
         let report = self.policy.reconcile(&desired, &mut self.datapath);
@@ -92,9 +140,21 @@ impl Agent {
                 Err(err) => warn!(error = %format!("{err:#}"), "cannot write the state file"),
             }
         }
+        let mut identities: HashMap<u32, Vec<String>> = desired
+            .identities
+            .iter()
+            .map(|(id, key)| {
+                let labels = key.labels.iter().map(|(k, v)| format!("{k}={v}"));
+                (*id, std::iter::once(key.namespace.clone()).chain(labels).collect())
+            })
+            .collect();
+        identities
+            .extend(desired.cidr_identities.iter().map(|(id, cidr)| (*id, vec![format!("cidr:{cidr}")])));
+        identities
     }
 
-    fn apply_services(&mut self, cluster: &Cluster) {
+    /// Returns service id → Service name.
+    fn apply_services(&mut self, cluster: &Cluster) -> HashMap<u32, ServiceName> {
         let started = std::time::Instant::now();
         let desired = desired_frontends(&cluster.services, &cluster.endpoint_slices);
         let report = self.lb.reconcile(&desired, &mut self.datapath);
@@ -109,6 +169,14 @@ impl Agent {
                 "load-balancer maps updated"
             );
         }
+        desired
+            .iter()
+            .filter_map(|(frontend, spec)| {
+                let (namespace, name) = spec.service.split_once('/')?;
+                let id = self.lb.service_id(frontend)?;
+                Some((id, ServiceName { namespace: namespace.to_owned(), name: name.to_owned() }))
+            })
+            .collect()
     }
 
     /// Attaches to every local pod whose interface exists; with `prune`, also

@@ -14,10 +14,7 @@ pub fn local_pod_ips(cluster: &Cluster, node_name: &str) -> BTreeMap<Ipv4Addr, S
             continue;
         }
         let Some(status) = &pod.status else { continue };
-        let ips = status
-            .pod_ip
-            .iter()
-            .chain(status.pod_ips.iter().flatten().map(|p| &p.ip));
+        let ips = status.pod_ip.iter().chain(status.pod_ips.iter().flatten().map(|p| &p.ip));
         let name = format!(
             "{}/{}",
             pod.metadata.namespace.as_deref().unwrap_or("default"),
@@ -46,9 +43,6 @@ mod tests {
         let pods: Vec<k8s_openapi::api::core::v1::Pod> = serde_yaml::from_str(yaml).unwrap();
         let objects: Vec<Object> = pods.into_iter().map(|p| Object::Pod(Box::new(p))).collect();
         let local = local_pod_ips(&Cluster::from_objects(&objects), "n1");
-        assert_eq!(
-            local,
-            [("10.244.0.2".parse().unwrap(), "x/a".to_owned())].into()
-        );
+        assert_eq!(local, [("10.244.0.2".parse().unwrap(), "x/a".to_owned())].into());
     }
 }

@@ -17,11 +17,7 @@ use tracing::info;
 /// `--netns NAME` is `/run/netns/NAME` (as `ip netns` names them); anything
 /// with a slash is a path.
 pub fn netns_path(netns: &str) -> PathBuf {
-    if netns.contains('/') {
-        PathBuf::from(netns)
-    } else {
-        Path::new("/run/netns").join(netns)
-    }
+    if netns.contains('/') { PathBuf::from(netns) } else { Path::new("/run/netns").join(netns) }
 }
 
 /// Moves the process into a network namespace. Must run before any thread
@@ -30,8 +26,7 @@ pub fn netns_path(netns: &str) -> PathBuf {
 /// alone, so /sys/fs/bpf stays the host's and pins outlive the process.
 pub fn enter_netns(netns: &str) -> anyhow::Result<()> {
     let path = netns_path(netns);
-    let file = File::open(&path)
-        .with_context(|| format!("opening network namespace {}", path.display()))?;
+    let file = File::open(&path).with_context(|| format!("opening network namespace {}", path.display()))?;
     setns(file, CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("entering network namespace {}", path.display()))
 }
@@ -39,8 +34,7 @@ pub fn enter_netns(netns: &str) -> anyhow::Result<()> {
 /// Mounts a bpffs at /sys/fs/bpf unless one is mounted at or above `root`
 /// (machines that boot without one, as Cilium's init container does).
 pub fn ensure_bpffs(root: &Path) -> anyhow::Result<()> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     let covered = mounts.lines().any(|line| {
         let mut fields = line.split_whitespace();
         let (_, Some(target), Some(fstype)) = (fields.next(), fields.next(), fields.next()) else {
@@ -59,14 +53,8 @@ pub fn ensure_bpffs(root: &Path) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(target).ok();
-    mount(
-        Some("bpffs"),
-        target,
-        Some("bpf"),
-        MsFlags::empty(),
-        Some("mode=0700"),
-    )
-    .context("mounting bpffs at /sys/fs/bpf")?;
+    mount(Some("bpffs"), target, Some("bpf"), MsFlags::empty(), Some("mode=0700"))
+        .context("mounting bpffs at /sys/fs/bpf")?;
     info!("mounted bpffs at /sys/fs/bpf");
     Ok(())
 }
@@ -115,8 +103,7 @@ pub struct RouteTable(Vec<Route>);
 
 impl RouteTable {
     pub fn read() -> anyhow::Result<Self> {
-        let table =
-            std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
+        let table = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
         Ok(Self(parse_routes(&table)))
     }
 
@@ -129,8 +116,7 @@ impl RouteTable {
 mod tests {
     use super::*;
 
-    const TABLE: &str =
-        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+    const TABLE: &str = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
 lxc1\t0200F40A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
 eth0\t0000F40A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
 down\t0300F40A\t00000000\t0004\t0\t0\t0\tFFFFFFFF\t0\t0\t0
@@ -139,16 +125,9 @@ down\t0300F40A\t00000000\t0004\t0\t0\t0\tFFFFFFFF\t0\t0\t0
     #[test]
     fn picks_the_most_specific_up_route() {
         let routes = RouteTable(parse_routes(TABLE));
+        assert_eq!(routes.interface_for("10.244.0.2".parse().unwrap()).as_deref(), Some("lxc1"));
         assert_eq!(
-            routes
-                .interface_for("10.244.0.2".parse().unwrap())
-                .as_deref(),
-            Some("lxc1")
-        );
-        assert_eq!(
-            routes
-                .interface_for("10.244.0.3".parse().unwrap())
-                .as_deref(),
+            routes.interface_for("10.244.0.3".parse().unwrap()).as_deref(),
             Some("eth0"),
             "down routes are ignored"
         );

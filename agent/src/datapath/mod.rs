@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError,
+        Array, HashMap, MapData, MapError, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
     programs::SchedClassifier,
@@ -63,6 +63,7 @@ pub struct Datapath {
     ipcache: LpmTrie<MapData, IpcacheKey, IpcacheEntry>,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
+    events: Option<RingBuf<MapData>>,
     root: PathBuf,
 }
 
@@ -104,9 +105,15 @@ impl Datapath {
             ipcache: take(&mut ebpf, map_name::IPCACHE)?,
             endpoints: take(&mut ebpf, map_name::ENDPOINTS)?,
             policy: take(&mut ebpf, map_name::POLICY)?,
+            events: Some(take(&mut ebpf, map_name::EVENTS)?),
             ebpf,
             root: root.to_owned(),
         })
+    }
+
+    /// The flow-event ring buffer, for the one reader that consumes it.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
     }
 
     pub fn root(&self) -> &Path {

@@ -24,24 +24,12 @@ pub struct BackendAddr {
 
 impl std::fmt::Display for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}:{}/{}",
-            self.address,
-            self.port,
-            weir_abi::proto::name(self.proto)
-        )
+        write!(f, "{}:{}/{}", self.address, self.port, weir_abi::proto::name(self.proto))
     }
 }
 
 impl std::fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}:{}/{}",
-            self.address,
-            self.port,
-            weir_abi::proto::name(self.proto)
-        )
+        write!(f, "{}:{}/{}", self.address, self.port, weir_abi::proto::name(self.proto))
     }
 }

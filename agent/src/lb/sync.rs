@@ -10,9 +10,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tracing::warn;
-use weir_abi::lb::{
-    BACKEND_STATE_ACTIVE, Backend, SVC_FLAG_CLUSTER_IP, Service, ServiceKey, SlotKey,
-};
+use weir_abi::lb::{BACKEND_STATE_ACTIVE, Backend, SVC_FLAG_CLUSTER_IP, Service, ServiceKey, SlotKey};
 
 use super::{BackendAddr, Frontend, translate::Desired};
 
@@ -74,11 +72,7 @@ pub struct LbState {
 }
 
 fn key_of(frontend: &Frontend) -> ServiceKey {
-    ServiceKey::new(
-        u32::from_ne_bytes(frontend.address.octets()),
-        frontend.port.to_be(),
-        frontend.proto,
-    )
+    ServiceKey::new(u32::from_ne_bytes(frontend.address.octets()), frontend.port.to_be(), frontend.proto)
 }
 
 fn addr_of(backend: &Backend) -> BackendAddr {
@@ -112,13 +106,9 @@ impl LbState {
             );
         }
         for (slot_key, backend_id) in slots {
-            let entry = by_id
-                .get(&slot_key.service_id)
-                .and_then(|key| state.services.get_mut(key));
+            let entry = by_id.get(&slot_key.service_id).and_then(|key| state.services.get_mut(key));
             match entry {
-                Some(entry)
-                    if slot_key.slot >= 1 && (slot_key.slot as usize) <= entry.slots.len() =>
-                {
+                Some(entry) if slot_key.slot >= 1 && (slot_key.slot as usize) <= entry.slots.len() => {
                     entry.slots[slot_key.slot as usize - 1] = backend_id;
                 }
                 _ => state.orphan_slots.push(slot_key),
@@ -130,6 +120,11 @@ impl LbState {
             state.backends.insert(id, backend);
         }
         state
+    }
+
+    /// The service id of a frontend, as written.
+    pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.services.get(&key_of(frontend)).map(|e| e.service_id)
     }
 
     /// Number of frontends and backends as written.
@@ -181,19 +176,12 @@ impl LbState {
         let mut report = SyncReport::default();
         for (frontend, spec) in desired {
             if let Err(err) = self.sync_frontend(frontend, &spec.backends, maps, &mut report) {
-                report
-                    .errors
-                    .push((format!("{frontend} ({})", spec.service), err));
+                report.errors.push((format!("{frontend} ({})", spec.service), err));
             }
         }
 
         let wanted: HashSet<ServiceKey> = desired.keys().map(key_of).collect();
-        let stale: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .filter(|k| !wanted.contains(k))
-            .copied()
-            .collect();
+        let stale: Vec<ServiceKey> = self.services.keys().filter(|k| !wanted.contains(k)).copied().collect();
         for key in stale {
             if let Err(err) = self.remove_frontend(&key, maps, &mut report) {
                 report.errors.push((format!("removing {key:?}"), err));
@@ -210,17 +198,9 @@ impl LbState {
         }
         // Backends no slot refers to any more go last, after every slot that
         // pointed at them was rewritten.
-        let referenced: HashSet<u32> = self
-            .services
-            .values()
-            .flat_map(|e| e.slots.iter().copied())
-            .collect();
-        let unreferenced: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !referenced.contains(id))
-            .copied()
-            .collect();
+        let referenced: HashSet<u32> = self.services.values().flat_map(|e| e.slots.iter().copied()).collect();
+        let unreferenced: Vec<u32> =
+            self.backends.keys().filter(|id| !referenced.contains(id)).copied().collect();
         for id in unreferenced {
             match maps.delete_backend(id) {
                 Ok(()) => {
@@ -268,11 +248,7 @@ impl LbState {
         let count = u16::try_from(target.len()).map_err(|_| MapWriteError {
             map: weir_abi::map_name::SERVICES,
             op: "update",
-            reason: format!(
-                "{} backends exceed the {} slots a service can have",
-                target.len(),
-                u16::MAX
-            ),
+            reason: format!("{} backends exceed the {} slots a service can have", target.len(), u16::MAX),
             full: false,
         })?;
 
@@ -282,13 +258,7 @@ impl LbState {
             if entry.slots.get(i) == Some(id) {
                 continue;
             }
-            maps.put_slot(
-                &SlotKey {
-                    service_id: entry.service_id,
-                    slot: i as u32 + 1,
-                },
-                *id,
-            )?;
+            maps.put_slot(&SlotKey { service_id: entry.service_id, slot: i as u32 + 1 }, *id)?;
             report.writes += 1;
             match entry.slots.get_mut(i) {
                 Some(slot) => *slot = *id,
@@ -297,11 +267,7 @@ impl LbState {
         }
         // 2. Then the count, which publishes the new slots or retires the tail.
         if entry.written_count != Some(count) || entry.flags != SVC_FLAG_CLUSTER_IP {
-            let value = Service {
-                service_id: entry.service_id,
-                count,
-                flags: SVC_FLAG_CLUSTER_IP,
-            };
+            let value = Service { service_id: entry.service_id, count, flags: SVC_FLAG_CLUSTER_IP };
             maps.put_service(&key, &value)?;
             report.writes += 1;
             entry.written_count = Some(count);
@@ -310,10 +276,7 @@ impl LbState {
         // 3. Then the slots beyond the count, which nothing reads any more.
         while entry.slots.len() > target.len() {
             let slot = entry.slots.len() as u32;
-            maps.delete_slot(&SlotKey {
-                service_id: entry.service_id,
-                slot,
-            })?;
+            maps.delete_slot(&SlotKey { service_id: entry.service_id, slot })?;
             report.deletes += 1;
             entry.slots.pop();
         }
@@ -336,10 +299,7 @@ impl LbState {
         }
         while let Some(_) = entry.slots.last() {
             let slot = entry.slots.len() as u32;
-            maps.delete_slot(&SlotKey {
-                service_id: entry.service_id,
-                slot,
-            })?;
+            maps.delete_slot(&SlotKey { service_id: entry.service_id, slot })?;
             report.deletes += 1;
             entry.slots.pop();
         }
@@ -401,19 +361,12 @@ mod tests {
     }
 
     fn full(map: &'static str) -> MapWriteError {
-        MapWriteError {
-            map,
-            op: "update",
-            reason: "E2BIG".into(),
-            full: true,
-        }
+        MapWriteError { map, op: "update", reason: "E2BIG".into(), full: true }
     }
 
     impl LbMaps for MemMaps {
         fn put_service(&mut self, key: &ServiceKey, value: &Service) -> Result<(), MapWriteError> {
-            if !self.services.contains_key(key)
-                && Some(self.services.len()) == self.service_capacity
-            {
+            if !self.services.contains_key(key) && Some(self.services.len()) == self.service_capacity {
                 return Err(full("services"));
             }
             self.writes += 1;
@@ -461,10 +414,7 @@ mod tests {
                     };
                     let backends = (1..=u32::from(svc.count))
                         .map(|slot| {
-                            let id = self.slots[&SlotKey {
-                                service_id: svc.service_id,
-                                slot,
-                            }];
+                            let id = self.slots[&SlotKey { service_id: svc.service_id, slot }];
                             addr_of(&self.backends[&id])
                         })
                         .collect();
@@ -483,35 +433,17 @@ mod tests {
     }
 
     fn frontend(ip: &str, port: u16) -> Frontend {
-        Frontend {
-            address: ip.parse().unwrap(),
-            port,
-            proto: 6,
-        }
+        Frontend { address: ip.parse().unwrap(), port, proto: 6 }
     }
 
     fn backends(n: impl IntoIterator<Item = u8>) -> BTreeSet<BackendAddr> {
-        n.into_iter()
-            .map(|i| BackendAddr {
-                address: [10, 244, 0, i].into(),
-                port: 8080,
-                proto: 6,
-            })
-            .collect()
+        n.into_iter().map(|i| BackendAddr { address: [10, 244, 0, i].into(), port: 8080, proto: 6 }).collect()
     }
 
     fn desired(entries: &[(Frontend, BTreeSet<BackendAddr>)]) -> Desired {
         entries
             .iter()
-            .map(|(f, b)| {
-                (
-                    *f,
-                    FrontendSpec {
-                        service: "default/svc".into(),
-                        backends: b.clone(),
-                    },
-                )
-            })
+            .map(|(f, b)| (*f, FrontendSpec { service: "default/svc".into(), backends: b.clone() }))
             .collect()
     }
 
@@ -521,11 +453,7 @@ mod tests {
             want.iter().map(|(f, s)| (*f, s.backends.clone())).collect();
         assert_eq!(served, want);
         let referenced: BTreeSet<u32> = maps.slots.values().copied().collect();
-        assert_eq!(
-            referenced,
-            maps.backends.keys().copied().collect(),
-            "no unreferenced backend is left"
-        );
+        assert_eq!(referenced, maps.backends.keys().copied().collect(), "no unreferenced backend is left");
     }
 
     #[test]
@@ -538,11 +466,7 @@ mod tests {
         let report = state.reconcile(&want, &mut maps);
         assert!(report.errors.is_empty());
         assert_serves(&maps, &want);
-        assert_eq!(
-            (report.frontends, report.backends),
-            (2, 3),
-            "10.244.0.2:8080 is shared, stored once"
-        );
+        assert_eq!((report.frontends, report.backends), (2, 3), "10.244.0.2:8080 is shared, stored once");
     }
 
     #[test]
@@ -552,19 +476,13 @@ mod tests {
         state.reconcile(&want, &mut maps);
         let before = maps.writes;
         let report = state.reconcile(&want, &mut maps);
-        assert_eq!(
-            (maps.writes - before, report.writes, report.deletes),
-            (0, 0, 0)
-        );
+        assert_eq!((maps.writes - before, report.writes, report.deletes), (0, 0, 0));
     }
 
     #[test]
     fn adding_one_endpoint_is_three_writes() {
         let (mut maps, mut state) = (MemMaps::default(), LbState::default());
-        state.reconcile(
-            &desired(&[(frontend("10.96.0.1", 80), backends(1..=3))]),
-            &mut maps,
-        );
+        state.reconcile(&desired(&[(frontend("10.96.0.1", 80), backends(1..=3))]), &mut maps);
         let before = maps.writes;
         let want = desired(&[(frontend("10.96.0.1", 80), backends(1..=4))]);
         state.reconcile(&want, &mut maps);
@@ -575,10 +493,7 @@ mod tests {
     #[test]
     fn removing_one_endpoint_moves_at_most_one_other() {
         let (mut maps, mut state) = (MemMaps::default(), LbState::default());
-        state.reconcile(
-            &desired(&[(frontend("10.96.0.1", 80), backends(1..=4))]),
-            &mut maps,
-        );
+        state.reconcile(&desired(&[(frontend("10.96.0.1", 80), backends(1..=4))]), &mut maps);
         let slots_before = maps.slots.clone();
         let before = maps.writes;
         let want = desired(&[(frontend("10.96.0.1", 80), backends([1, 3, 4]))]);
@@ -589,11 +504,7 @@ mod tests {
             maps.writes - before
         );
         assert_serves(&maps, &want);
-        let unchanged = maps
-            .slots
-            .iter()
-            .filter(|(k, v)| slots_before.get(k) == Some(v))
-            .count();
+        let unchanged = maps.slots.iter().filter(|(k, v)| slots_before.get(k) == Some(v)).count();
         assert_eq!(unchanged, 2, "backends in slots 1 and 3 keep their slot");
     }
 
@@ -616,10 +527,7 @@ mod tests {
     #[test]
     fn a_frontend_without_backends_has_count_zero() {
         let (mut maps, mut state) = (MemMaps::default(), LbState::default());
-        state.reconcile(
-            &desired(&[(frontend("10.96.0.1", 80), backends(1..=2))]),
-            &mut maps,
-        );
+        state.reconcile(&desired(&[(frontend("10.96.0.1", 80), backends(1..=2))]), &mut maps);
         let want = desired(&[(frontend("10.96.0.1", 80), BTreeSet::new())]);
         state.reconcile(&want, &mut maps);
         assert_eq!(maps.services.values().next().unwrap().count, 0);
@@ -634,21 +542,14 @@ mod tests {
             (frontend("10.96.0.2", 80), backends(3..=5)),
         ]);
         LbState::default().reconcile(&want, &mut maps);
-        let (services, slots, backends_before) = (
-            maps.services.clone(),
-            maps.slots.clone(),
-            maps.backends.clone(),
-        );
+        let (services, slots, backends_before) =
+            (maps.services.clone(), maps.slots.clone(), maps.backends.clone());
 
         let mut restarted = maps.adopt();
         let report = restarted.reconcile(&want, &mut maps);
         assert_eq!((report.writes, report.deletes), (0, 0));
         assert_eq!(
-            (
-                maps.services.clone(),
-                maps.slots.clone(),
-                maps.backends.clone()
-            ),
+            (maps.services.clone(), maps.slots.clone(), maps.backends.clone()),
             (services, slots, backends_before)
         );
 
@@ -668,22 +569,8 @@ mod tests {
         let want = desired(&[(frontend("10.96.0.1", 80), backends(1..=2))]);
         LbState::default().reconcile(&want, &mut maps);
         // Slots and a backend of a frontend whose service entry was never written.
-        maps.slots.insert(
-            SlotKey {
-                service_id: 99,
-                slot: 1,
-            },
-            42,
-        );
-        maps.backends.insert(
-            42,
-            Backend {
-                address_be: 1,
-                port_be: 1,
-                proto: 6,
-                state: 0,
-            },
-        );
+        maps.slots.insert(SlotKey { service_id: 99, slot: 1 }, 42);
+        maps.backends.insert(42, Backend { address_be: 1, port_be: 1, proto: 6, state: 0 });
         let mut restarted = maps.adopt();
         restarted.reconcile(&want, &mut maps);
         assert_serves(&maps, &want);
@@ -691,10 +578,7 @@ mod tests {
 
     #[test]
     fn a_full_map_fails_one_frontend_and_serves_the_others() {
-        let mut maps = MemMaps {
-            service_capacity: Some(1),
-            ..Default::default()
-        };
+        let mut maps = MemMaps { service_capacity: Some(1), ..Default::default() };
         let mut state = LbState::default();
         let want = desired(&[
             (frontend("10.96.0.1", 80), backends([1])),

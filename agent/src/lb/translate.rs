@@ -56,15 +56,8 @@ pub fn cluster_ips(svc: &Service) -> Vec<Ipv4Addr> {
     ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
 }
 
-fn namespace_name(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> (String, String) {
-    (
-        meta.namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned()),
-        meta.name.clone().unwrap_or_default(),
-    )
+fn namespace_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (meta.namespace.clone().unwrap_or_else(|| "default".to_owned()), meta.name.clone().unwrap_or_default())
 }
 
 /// Computes the frontends of all Services with their ready backends.
@@ -81,19 +74,11 @@ pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desi
         if slice.address_type != "IPv4" {
             continue;
         }
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
             continue;
         };
         let (namespace, _) = namespace_name(&slice.metadata);
-        slices_by_service
-            .entry((namespace, service.clone()))
-            .or_default()
-            .push(slice);
+        slices_by_service.entry((namespace, service.clone())).or_default().push(slice);
     }
 
     let mut desired = Desired::new();
@@ -106,10 +91,9 @@ pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desi
         };
         let service_slices = slices_by_service.get(&(namespace.clone(), name.clone()));
         for port in ports {
-            let (Some(proto), Some(frontend_port)) = (
-                parse_protocol(port.protocol.as_deref()),
-                parse_port(port.port),
-            ) else {
+            let (Some(proto), Some(frontend_port)) =
+                (parse_protocol(port.protocol.as_deref()), parse_port(port.port))
+            else {
                 continue;
             };
             let port_name = port.name.as_deref().unwrap_or("");
@@ -123,36 +107,18 @@ pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desi
                     continue;
                 };
                 for endpoint in &slice.endpoints {
-                    let ready = endpoint
-                        .conditions
-                        .as_ref()
-                        .and_then(|c| c.ready)
-                        .unwrap_or(true);
-                    let address = endpoint
-                        .addresses
-                        .first()
-                        .and_then(|a| a.parse::<Ipv4Addr>().ok());
+                    let ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                    let address = endpoint.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok());
                     if let (true, Some(address)) = (ready, address) {
-                        backends.insert(BackendAddr {
-                            address,
-                            port: target_port,
-                            proto,
-                        });
+                        backends.insert(BackendAddr { address, port: target_port, proto });
                     }
                 }
             }
             for address in &ips {
-                let frontend = Frontend {
-                    address: *address,
-                    port: frontend_port,
-                    proto,
-                };
+                let frontend = Frontend { address: *address, port: frontend_port, proto };
                 desired.insert(
                     frontend,
-                    FrontendSpec {
-                        service: format!("{namespace}/{name}"),
-                        backends: backends.clone(),
-                    },
+                    FrontendSpec { service: format!("{namespace}/{name}"), backends: backends.clone() },
                 );
             }
         }
@@ -200,44 +166,24 @@ endpoints:
     }
 
     fn backend(ip: &str, port: u16, proto: u8) -> BackendAddr {
-        BackendAddr {
-            address: ip.parse().unwrap(),
-            port,
-            proto,
-        }
+        BackendAddr { address: ip.parse().unwrap(), port, proto }
     }
 
     #[test]
     fn ready_endpoints_become_backends_per_named_port() {
         let desired = desired_frontends(&[web_service()], &[web_slice()]);
-        let http = Frontend {
-            address: "10.96.0.10".parse().unwrap(),
-            port: 80,
-            proto: 6,
-        };
-        let dns = Frontend {
-            address: "10.96.0.10".parse().unwrap(),
-            port: 53,
-            proto: 17,
-        };
+        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6 };
+        let dns = Frontend { address: "10.96.0.10".parse().unwrap(), port: 53, proto: 17 };
         assert_eq!(desired.len(), 2);
         assert_eq!(desired[&http].service, "shop/web");
         assert_eq!(
             desired[&http].backends,
-            [
-                backend("10.244.0.2", 8080, 6),
-                backend("10.244.0.3", 8080, 6)
-            ]
-            .into(),
+            [backend("10.244.0.2", 8080, 6), backend("10.244.0.3", 8080, 6)].into(),
             "not-ready 10.244.0.4 must not be a backend; unset ready means ready"
         );
         assert_eq!(
             desired[&dns].backends,
-            [
-                backend("10.244.0.2", 5353, 17),
-                backend("10.244.0.3", 5353, 17)
-            ]
-            .into()
+            [backend("10.244.0.2", 5353, 17), backend("10.244.0.3", 5353, 17)].into()
         );
     }
 
@@ -246,8 +192,7 @@ endpoints:
         let mut other_ns = web_slice();
         other_ns.metadata.namespace = Some("other".into());
         let mut other_svc = web_slice();
-        other_svc.metadata.labels =
-            Some([(SERVICE_NAME_LABEL.to_owned(), "api".to_owned())].into());
+        other_svc.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), "api".to_owned())].into());
         let desired = desired_frontends(&[web_service()], &[other_ns, other_svc]);
         assert_eq!(desired.len(), 2);
         assert!(desired.values().all(|spec| spec.backends.is_empty()));
@@ -259,18 +204,13 @@ endpoints:
         second.metadata.name = Some("web-def".into());
         second.endpoints = vec![yaml("addresses: [10.244.1.9]")];
         let desired = desired_frontends(&[web_service()], &[web_slice(), second]);
-        let http = Frontend {
-            address: "10.96.0.10".parse().unwrap(),
-            port: 80,
-            proto: 6,
-        };
+        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6 };
         assert_eq!(desired[&http].backends.len(), 3);
     }
 
     #[test]
     fn headless_and_external_name_services_have_no_frontend() {
-        let headless: Service =
-            yaml("metadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}");
+        let headless: Service = yaml("metadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}");
         let external: Service = yaml(
             "metadata: {name: e}\nspec: {type: ExternalName, externalName: example.org, ports: [{port: 80}]}",
         );
@@ -280,11 +220,7 @@ endpoints:
     #[test]
     fn a_service_without_slices_has_a_frontend_without_backends() {
         let desired = desired_frontends(&[web_service()], &[]);
-        assert_eq!(
-            desired.len(),
-            2,
-            "the frontend must exist so the datapath can drop and count"
-        );
+        assert_eq!(desired.len(), 2, "the frontend must exist so the datapath can drop and count");
         assert!(desired.values().all(|spec| spec.backends.is_empty()));
     }
 }

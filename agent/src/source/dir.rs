@@ -41,22 +41,14 @@ pub struct DirSource {
 const SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn is_manifest(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml" | "json")
-    )
+    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
 }
 
 impl DirSource {
     pub fn new(dir: PathBuf) -> Self {
         let mut ticker = tokio::time::interval(SCAN_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Self {
-            dir,
-            files: BTreeMap::new(),
-            ticker,
-            delivered: false,
-        }
+        Self { dir, files: BTreeMap::new(), ticker, delivered: false }
     }
 
     /// See [`super::Source::changed`]. A directory that cannot be read is
@@ -74,8 +66,8 @@ impl DirSource {
     /// Rescans the directory. Returns whether any file was added, changed or
     /// removed since the last scan.
     pub fn rescan(&mut self) -> anyhow::Result<bool> {
-        let entries = std::fs::read_dir(&self.dir)
-            .with_context(|| format!("reading {}", self.dir.display()))?;
+        let entries =
+            std::fs::read_dir(&self.dir).with_context(|| format!("reading {}", self.dir.display()))?;
         let mut seen = BTreeMap::new();
         for entry in entries {
             let path = entry?.path();
@@ -147,35 +139,17 @@ fn collect(path: &Path, value: serde_yaml::Value, objects: &mut Vec<Object>) {
     if value.is_null() {
         return;
     }
-    let kind = value
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or("")
-        .to_owned();
-    let api_version = value
-        .get("apiVersion")
-        .and_then(|k| k.as_str())
-        .unwrap_or("")
-        .to_owned();
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_owned();
+    let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("").to_owned();
     let meta = value.get("metadata");
-    let field = |name: &str| {
-        meta.and_then(|m| m.get(name))
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_owned()
-    };
+    let field = |name: &str| meta.and_then(|m| m.get(name)).and_then(|v| v.as_str()).unwrap_or("").to_owned();
     let object_name = match field("namespace").as_str() {
         "" => format!("{kind} {}", field("name")),
         namespace => format!("{kind} {namespace}/{}", field("name")),
     };
     let parsed = match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
-            for item in value
-                .get("items")
-                .and_then(|i| i.as_sequence())
-                .into_iter()
-                .flatten()
-            {
+            for item in value.get("items").and_then(|i| i.as_sequence()).into_iter().flatten() {
                 collect(path, item.clone(), objects);
             }
             return;
@@ -185,18 +159,17 @@ fn collect(path: &Path, value: serde_yaml::Value, objects: &mut Vec<Object>) {
             .and_then(|o| validate::service(&o).map(|()| Object::Service(Box::new(o)))),
         ("discovery.k8s.io/v1", "EndpointSlice") => serde_yaml::from_value(value)
             .map_err(|e| e.to_string())
-            .and_then(|o| {
-                validate::endpoint_slice(&o).map(|()| Object::EndpointSlice(Box::new(o)))
-            }),
+            .and_then(|o| validate::endpoint_slice(&o).map(|()| Object::EndpointSlice(Box::new(o)))),
         ("v1", "Pod") => serde_yaml::from_value(value)
             .map_err(|e| e.to_string())
             .and_then(|o| validate::pod(&o).map(|()| Object::Pod(Box::new(o)))),
-        ("v1", "Namespace") => serde_yaml::from_value(value)
+        ("v1", "Namespace") => {
+            serde_yaml::from_value(value).map_err(|e| e.to_string()).map(|o| Object::Namespace(Box::new(o)))
+        }
+        ("networking.k8s.io/v1", "NetworkPolicy") => serde_yaml::from_value(value)
             .map_err(|e| e.to_string())
-            .map(|o| Object::Namespace(Box::new(o))),
-        _ => Err(format!(
-            "unsupported kind {kind:?} (apiVersion {api_version:?})"
-        )),
+            .and_then(|o| validate::network_policy(&o).map(|()| Object::NetworkPolicy(Box::new(o)))),
+        _ => Err(format!("unsupported kind {kind:?} (apiVersion {api_version:?})")),
     };
     match parsed {
         Ok(object) => objects.push(object),
@@ -257,11 +230,7 @@ ports: [{port: 8080}]
         assert!(source.rescan().unwrap());
         assert_eq!(source.cluster().services.len(), 1);
         assert!(!source.rescan().unwrap(), "no change, no work");
-        std::fs::write(
-            dir.join("a.yaml.tmp"),
-            GOOD.replace("10.96.0.10", "10.96.0.11"),
-        )
-        .unwrap();
+        std::fs::write(dir.join("a.yaml.tmp"), GOOD.replace("10.96.0.10", "10.96.0.11")).unwrap();
         std::fs::rename(dir.join("a.yaml.tmp"), dir.join("a.yaml")).unwrap();
         assert!(source.rescan().unwrap());
         std::fs::remove_file(dir.join("a.yaml")).unwrap();

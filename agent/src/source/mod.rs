@@ -1,16 +1,19 @@
 //! Where the agent reads Kubernetes objects from.
 
 pub mod dir;
+pub mod kube;
 pub mod validate;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
-use crate::cluster::Cluster;
+use crate::{cluster::Cluster, health::Health, metrics::Metrics};
 
-/// `--source`: `dir:PATH` reads manifests from a directory.
+/// `--source`: `dir:PATH` reads manifests from a directory; `kube` watches
+/// the Kubernetes API server (see [`kube::KubeOptions`] for how it is found).
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
     Dir(PathBuf),
+    Kube,
 }
 
 impl std::str::FromStr for SourceSpec {
@@ -19,7 +22,8 @@ impl std::str::FromStr for SourceSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
             Some(("dir", path)) if !path.is_empty() => Ok(Self::Dir(PathBuf::from(path))),
-            _ => Err(format!("unknown source {s:?}: expected dir:PATH")),
+            None if s == "kube" => Ok(Self::Kube),
+            _ => Err(format!("unknown source {s:?}: expected dir:PATH or kube")),
         }
     }
 }
@@ -27,12 +31,21 @@ impl std::str::FromStr for SourceSpec {
 /// A running source of cluster state.
 pub enum Source {
     Dir(dir::DirSource),
+    Kube(Box<kube::KubeSource>),
 }
 
 impl Source {
-    pub fn start(spec: &SourceSpec) -> anyhow::Result<Self> {
+    pub async fn start(
+        spec: &SourceSpec,
+        kube_options: &kube::KubeOptions,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> anyhow::Result<Self> {
         match spec {
             SourceSpec::Dir(path) => Ok(Self::Dir(dir::DirSource::new(path.clone()))),
+            SourceSpec::Kube => {
+                Ok(Self::Kube(Box::new(kube::KubeSource::start(kube_options, metrics, health).await?)))
+            }
         }
     }
 
@@ -43,6 +56,23 @@ impl Source {
     pub async fn changed(&mut self) -> anyhow::Result<Cluster> {
         match self {
             Self::Dir(dir) => dir.changed().await,
+            Self::Kube(kube) => kube.changed().await,
+        }
+    }
+
+    /// The state last returned by [`Source::changed`] is in the maps.
+    pub fn programmed(&mut self) {
+        match self {
+            Self::Dir(_) => {}
+            Self::Kube(kube) => kube.programmed(),
+        }
+    }
+
+    /// Whether this node may take load-balancer traffic (`None`: unknown).
+    pub fn node_eligible(&self, node_name: &str) -> Option<bool> {
+        match self {
+            Self::Dir(_) => None,
+            Self::Kube(kube) => kube.node_eligible(node_name),
         }
     }
 }

@@ -18,8 +18,12 @@ pub struct Config {
     pub lifetime_tcp_established: u32,
     pub lifetime_tcp_close: u32,
     pub lifetime_non_tcp: u32,
-    pub _pad: u32,
+    /// `CONFIG_F_*`.
+    pub flags: u32,
 }
+
+/// Emit flow events into the ring buffer.
+pub const CONFIG_F_EVENTS: u32 = 1 << 0;
 const _: () = assert!(core::mem::size_of::<Config>() == 32);
 
 #[cfg(feature = "user")]

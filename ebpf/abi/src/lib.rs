@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod ct;
+pub mod events;
 pub mod lb;
 pub mod metrics;
 pub mod policy;
@@ -60,9 +61,22 @@ pub mod map_name {
     pub const POLICY: &str = "POLICY_V1";
     /// Per-CPU hash: [`crate::policy::EndpointMetricKey`] → [`crate::metrics::Counter`].
     pub const ENDPOINT_METRICS: &str = "EP_METRICS_V1";
+    /// Ring buffer of [`crate::events::FlowEvent`].
+    pub const EVENTS: &str = "EVENTS_V1";
 
-    pub const ALL: [&str; 10] =
-        [SERVICES, SLOTS, BACKENDS, CONNTRACK, METRICS, CONFIG, IPCACHE, ENDPOINTS, POLICY, ENDPOINT_METRICS];
+    pub const ALL: [&str; 11] = [
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        CONNTRACK,
+        METRICS,
+        CONFIG,
+        IPCACHE,
+        ENDPOINTS,
+        POLICY,
+        ENDPOINT_METRICS,
+        EVENTS,
+    ];
 }
 
 /// Default map capacities; the agent overrides them from its flags.
@@ -85,4 +99,6 @@ pub mod capacity {
     pub const POLICY: u32 = 262_144;
     /// (endpoint, reason) drop counters.
     pub const ENDPOINT_METRICS: u32 = 16_384;
+    /// Flow-event ring buffer bytes (a power of two pages): ~18k events.
+    pub const EVENTS_BYTES: u32 = 1 << 20;
 }

@@ -22,6 +22,8 @@ pub const REVERSE_NAT: u32 = 3;
 pub const HAIRPIN_NEW: u32 = 4;
 /// A new connection was allowed by policy (or by the absence of any).
 pub const POLICY_ALLOWED: u32 = 5;
+/// A flow event was lost: the ring buffer was full.
+pub const EVENTS_LOST: u32 = 6;
 
 /// Cilium's DROP_POLICY: no policy entry allows the connection.
 pub const DROP_POLICY_DENIED: u32 = 133;
@@ -45,6 +47,7 @@ pub fn reason_name(reason: u32) -> &'static str {
         REVERSE_NAT => "Reverse NAT",
         HAIRPIN_NEW => "Service hairpin new connection",
         POLICY_ALLOWED => "Policy allowed new connection",
+        EVENTS_LOST => "Flow events lost (ring buffer full)",
         DROP_POLICY_DENIED => "Policy denied",
         DROP_INVALID => "Invalid packet",
         DROP_WRITE_ERROR => "Error writing to packet",

@@ -6,6 +6,7 @@ use aya_ebpf::programs::TcContext;
 use weir_abi::{
     config::Config,
     ct::{CT_F_HAIRPIN, CT_KIND_FLOW, CT_KIND_INGRESS, CT_KIND_SERVICE, CT_STATE_CLOSING, CtEntry, CtKey},
+    events::{DIRECTION_EGRESS as EVENT_EGRESS, EVENT_F_TRANSLATED, EVENT_NEW_CONNECTION, OBSERVED_FROM_POD},
     metrics::{
         DROP_CT_CREATE_FAILED, DROP_IS_CLUSTER_IP, DROP_POLICY_DENIED, HAIRPIN_NEW, POLICY_ALLOWED,
         REVERSE_NAT, SERVICE_ESTABLISHED, SERVICE_NEW,
@@ -16,7 +17,7 @@ use weir_abi::{
 use crate::{
     Verdict,
     conntrack::{self, is_syn, now_secs},
-    lb,
+    events, lb,
     maps::{CONFIG, CONNTRACK},
     metrics::count,
     nat::{End, rewrite_addr, rewrite_port},
@@ -162,12 +163,12 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
     // The client is its own backend: without a source rewrite its kernel
     // would see a packet from itself and drop it as a martian.
     let hairpin = backend.is_some() && target_be == pkt.saddr_be;
-    if let Some(ep) = policy::endpoint(pkt.saddr_be)
+    let source = policy::endpoint(pkt.saddr_be);
+    if let Some(ep) = source
         && ep.flags & ENDPOINT_F_EGRESS_ISOLATED != 0
     {
         // A pod may always reach itself, also through a service.
-        let allowed = hairpin
-            || target_be == pkt.saddr_be
+        let allowed = target_be == pkt.saddr_be
             || policy::allows(
                 ep.endpoint_id,
                 DIRECTION_EGRESS,
@@ -180,6 +181,19 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
             return Err(DROP_POLICY_DENIED);
         }
         count(POLICY_ALLOWED, len);
+    }
+    if events::enabled(&cfg) {
+        let mut event = events::for_packet(ctx, pkt, EVENT_NEW_CONNECTION, OBSERVED_FROM_POD, EVENT_EGRESS);
+        event.saddr_be = if hairpin { cfg.hairpin_addr_be } else { pkt.saddr_be };
+        event.daddr_be = target_be;
+        event.dport_be = target_port_be;
+        event.src_identity = source.map_or(0, |ep| ep.identity);
+        event.dst_identity = policy::identity_of(target_be);
+        if let Some((service_id, _)) = backend {
+            event.service_id = service_id;
+            event.flags = EVENT_F_TRANSLATED;
+        }
+        events::emit(&event);
     }
 
     let Some((service_id, backend_id)) = backend else {

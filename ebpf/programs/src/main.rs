@@ -11,6 +11,8 @@
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
+mod events;
+#[cfg(target_arch = "bpf")]
 mod from_pod;
 #[cfg(target_arch = "bpf")]
 mod lb;
@@ -42,13 +44,21 @@ mod programs {
         programs::TcContext,
     };
 
-    use crate::{Verdict, from_pod, metrics, packet, to_pod};
+    use weir_abi::events::{DIRECTION_EGRESS, DIRECTION_INGRESS, OBSERVED_FROM_POD, OBSERVED_TO_POD};
+
+    use crate::{Verdict, events, from_pod, metrics, packet, to_pod};
 
     /// Attached to tcx ingress of a pod's host-side veth: traffic from the pod.
     #[classifier]
     pub fn weir_from_pod(ctx: TcContext) -> i32 {
         let verdict = match packet::parse(&ctx) {
-            Ok(Some(pkt)) => from_pod::handle(&ctx, &pkt),
+            Ok(Some(pkt)) => {
+                let verdict = from_pod::handle(&ctx, &pkt);
+                if let Verdict::Drop(reason) = verdict {
+                    events::drop(&ctx, &pkt, reason, OBSERVED_FROM_POD, DIRECTION_EGRESS);
+                }
+                verdict
+            }
             // Not IPv4 TCP/UDP/SCTP, or a non-first fragment: not ours.
             Ok(None) => Verdict::Pass,
             Err(reason) => Verdict::Drop(reason),
@@ -60,7 +70,13 @@ mod programs {
     #[classifier]
     pub fn weir_to_pod(ctx: TcContext) -> i32 {
         let verdict = match packet::parse(&ctx) {
-            Ok(Some(pkt)) => to_pod::handle(&ctx, &pkt),
+            Ok(Some(pkt)) => {
+                let verdict = to_pod::handle(&ctx, &pkt);
+                if let Verdict::Drop(reason) = verdict {
+                    events::drop(&ctx, &pkt, reason, OBSERVED_TO_POD, DIRECTION_INGRESS);
+                }
+                verdict
+            }
             Ok(None) => Verdict::Pass,
             Err(reason) => Verdict::Drop(reason),
         };

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use weir_abi::{
     capacity,
@@ -44,3 +44,6 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyEntry> = LpmTrie::pinned(capacity::P
 #[map(name = "EP_METRICS_V1")]
 pub static ENDPOINT_METRICS: PerCpuHashMap<EndpointMetricKey, Counter> =
     PerCpuHashMap::pinned(capacity::ENDPOINT_METRICS, 0);
+
+#[map(name = "EVENTS_V1")]
+pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);

@@ -6,6 +6,7 @@
 use aya_ebpf::programs::TcContext;
 use weir_abi::{
     ct::{CT_KIND_FLOW, CT_KIND_INGRESS, CT_KIND_SERVICE, CT_STATE_CLOSING, CtEntry},
+    events::{DIRECTION_INGRESS as EVENT_INGRESS, EVENT_NEW_CONNECTION, OBSERVED_TO_POD},
     metrics::{DROP_CT_CREATE_FAILED, DROP_POLICY_DENIED, POLICY_ALLOWED},
     policy::{DIRECTION_INGRESS, ENDPOINT_F_INGRESS_ISOLATED},
 };
@@ -13,6 +14,7 @@ use weir_abi::{
 use crate::{
     Verdict,
     conntrack::{self, is_syn, now_secs},
+    events::{self, emit},
     from_pod::ct_key,
     maps::{CONFIG, CONNTRACK},
     metrics::count,
@@ -68,16 +70,12 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
         // Not a pod of this node: not ours to judge.
         return Ok(());
     };
-    if ep.flags & ENDPOINT_F_INGRESS_ISOLATED != 0 {
+    let isolated = ep.flags & ENDPOINT_F_INGRESS_ISOLATED != 0;
+    let src_identity = if isolated || events::enabled(&cfg) { policy::identity_of(pkt.saddr_be) } else { 0 };
+    if isolated {
         // The hairpin source is the pod itself reaching its own service.
         let allowed = pkt.saddr_be == cfg.hairpin_addr_be
-            || policy::allows(
-                ep.endpoint_id,
-                DIRECTION_INGRESS,
-                policy::identity_of(pkt.saddr_be),
-                pkt.proto,
-                pkt.dport_be,
-            );
+            || policy::allows(ep.endpoint_id, DIRECTION_INGRESS, src_identity, pkt.proto, pkt.dport_be);
         if !allowed {
             policy::count_drop(ep.endpoint_id, DROP_POLICY_DENIED, len);
             return Err(DROP_POLICY_DENIED);
@@ -87,5 +85,11 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
     let mut entry = CtEntry::default();
     conntrack::observe(&mut entry, pkt, true, len, &cfg, now);
     CONNTRACK.insert(&key, &entry, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
+    if events::enabled(&cfg) {
+        let mut event = events::for_packet(ctx, pkt, EVENT_NEW_CONNECTION, OBSERVED_TO_POD, EVENT_INGRESS);
+        event.src_identity = src_identity;
+        event.dst_identity = ep.identity;
+        emit(&event);
+    }
     Ok(())
 }
