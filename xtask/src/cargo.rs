@@ -39,18 +39,12 @@ impl Workspace {
     pub fn discover() -> Result<Self> {
         // xtask always lives one level below the workspace root.
         let start = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let json = cmd::stdout(
-            cargo()
-                .args(["metadata", "--format-version", "1", "--no-deps"])
-                .current_dir(&start),
-        )
-        .context("could not read the workspace's metadata")?;
+        let json =
+            cmd::stdout(cargo().args(["metadata", "--format-version", "1", "--no-deps"]).current_dir(&start))
+                .context("could not read the workspace's metadata")?;
         let meta: Metadata =
             serde_json::from_str(&json).context("could not parse `cargo metadata` output")?;
-        Ok(Self {
-            root: meta.workspace_root,
-            target_dir: meta.target_directory,
-        })
+        Ok(Self { root: meta.workspace_root, target_dir: meta.target_directory })
     }
 
     /// A cargo command that runs in the workspace root.
@@ -69,19 +63,10 @@ impl Workspace {
             build.arg("--release");
         }
         cmd::run(&mut build).context("building the agent and the CLI failed")?;
-        let dir = self
-            .target_dir
-            .join(if release { "release" } else { "debug" });
-        let bins = Binaries {
-            agent: dir.join("weir-agent"),
-            cli: dir.join("weir"),
-        };
+        let dir = self.target_dir.join(if release { "release" } else { "debug" });
+        let bins = Binaries { agent: dir.join("weir-agent"), cli: dir.join("weir") };
         for bin in [&bins.agent, &bins.cli] {
-            ensure!(
-                bin.is_file(),
-                "cargo built, but {} is missing",
-                bin.display()
-            );
+            ensure!(bin.is_file(), "cargo built, but {} is missing", bin.display());
         }
         Ok(bins)
     }

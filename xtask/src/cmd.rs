@@ -45,9 +45,7 @@ fn path_with_cargo_bin() -> Option<OsString> {
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = display(cmd);
     eprintln!("$ {shown}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("failed to start `{shown}`"))?;
+    let status = cmd.status().with_context(|| format!("failed to start `{shown}`"))?;
     if !status.success() {
         bail!("`{shown}` failed ({status})");
     }
@@ -57,9 +55,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Runs `cmd` quietly (a probe, not an action) and returns its output,
 /// whatever its exit status. Fails only when it cannot be started.
 pub fn probe(cmd: &mut Command) -> Result<Output> {
-    cmd.stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("failed to start `{}`", display(cmd)))
+    cmd.stdin(Stdio::null()).output().with_context(|| format!("failed to start `{}`", display(cmd)))
 }
 
 /// Runs `cmd` quietly and returns its stdout; fails unless it exits 0, with
@@ -67,12 +63,7 @@ pub fn probe(cmd: &mut Command) -> Result<Output> {
 pub fn stdout(cmd: &mut Command) -> Result<String> {
     let out = probe(cmd)?;
     if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            display(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{}` failed ({}): {}", display(cmd), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     String::from_utf8(out.stdout).with_context(|| format!("`{}` printed non-UTF-8", display(cmd)))
 }
@@ -86,11 +77,7 @@ pub fn display(cmd: &Command) -> String {
             continue;
         }
         if let Some(value) = value {
-            words.push(format!(
-                "{}={}",
-                key.to_string_lossy(),
-                quote(&value.to_string_lossy())
-            ));
+            words.push(format!("{}={}", key.to_string_lossy(), quote(&value.to_string_lossy())));
         }
     }
     // `$CARGO` is the toolchain's full path to cargo; `cargo` reads better.
@@ -105,15 +92,9 @@ pub fn display(cmd: &Command) -> String {
 }
 
 fn quote(word: &str) -> String {
-    let plain = !word.is_empty()
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-    if plain {
-        word.to_owned()
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
-    }
+    let plain =
+        !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain { word.to_owned() } else { format!("'{}'", word.replace('\'', r"'\''")) }
 }
 
 /// Whether this process runs with effective uid 0.
@@ -140,9 +121,6 @@ mod tests {
         cmd.args(["test", "--", "a b", "it's"])
             .env("LLVM_PREFIX", "/root/.cache/weir/llvm-prefix")
             .env("PATH", "/bin");
-        assert_eq!(
-            display(&cmd),
-            r"LLVM_PREFIX=/root/.cache/weir/llvm-prefix cargo test -- 'a b' 'it'\''s'"
-        );
+        assert_eq!(display(&cmd), r"LLVM_PREFIX=/root/.cache/weir/llvm-prefix cargo test -- 'a b' 'it'\''s'");
     }
 }

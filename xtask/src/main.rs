@@ -17,11 +17,7 @@ use crate::cargo::Workspace;
 use crate::setup::Verbosity;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "cargo-xtask",
-    bin_name = "cargo xtask",
-    about = "Weir's developer tasks"
-)]
+#[command(name = "cargo-xtask", bin_name = "cargo xtask", about = "Weir's developer tasks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

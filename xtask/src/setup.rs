@@ -13,13 +13,7 @@ use crate::cmd;
 
 /// Debian packages the tests and the demo use (`ip`, `iptables`, `nft`,
 /// `bpftool`, `ping`).
-const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2",
-    "iptables",
-    "nftables",
-    "bpftool",
-    "iputils-ping",
-];
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "bpftool", "iputils-ping"];
 
 /// The bpf-linker release line that works with our pinned aya and with
 /// nightly's LLVM 22 (TOOLCHAIN.md, section 2).
@@ -44,11 +38,7 @@ enum Outcome {
 pub fn run(verbosity: Verbosity) -> Result<()> {
     step("Debian packages", verbosity, debian_packages)?;
     step("nightly rust-src", verbosity, nightly_rust_src)?;
-    step(
-        &format!("bpf-linker {BPF_LINKER_VERSION}"),
-        verbosity,
-        bpf_linker,
-    )?;
+    step(&format!("bpf-linker {BPF_LINKER_VERSION}"), verbosity, bpf_linker)?;
     Ok(())
 }
 
@@ -85,16 +75,9 @@ fn debian_packages() -> Result<Outcome> {
             missing.join(", ")
         );
     }
+    cmd::run(cmd::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
     cmd::run(
-        cmd::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    cmd::run(
-        cmd::new("apt-get")
-            .args(["install", "-y"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
+        cmd::new("apt-get").args(["install", "-y"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
     Ok(Outcome::Installed)
 }
@@ -133,23 +116,14 @@ fn bpf_linker() -> Result<Outcome> {
             .args(["install", "bpf-linker", "--version"])
             .arg(format!("~{BPF_LINKER_VERSION}"))
             // --force: a same-version binary that no longer runs must be replaced.
-            .args([
-                "--force",
-                "--locked",
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ])
+            .args(["--force", "--locked", "--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", &prefix),
     )?;
     ensure!(
         bpf_linker_works()?,
         "bpf-linker was installed but `bpf-linker --version` still does not print {BPF_LINKER_VERSION}.x; \
          is {} on PATH?",
-        cmd::cargo_bin_dir().map_or_else(
-            || "cargo's bin directory".to_owned(),
-            |d| d.display().to_string()
-        )
+        cmd::cargo_bin_dir().map_or_else(|| "cargo's bin directory".to_owned(), |d| d.display().to_string())
     );
     Ok(Outcome::Installed)
 }
@@ -159,10 +133,7 @@ fn bpf_linker_works() -> Result<bool> {
         return Ok(false); // not installed (or not executable)
     };
     let version = String::from_utf8_lossy(&out.stdout);
-    Ok(out.status.success()
-        && version
-            .trim()
-            .starts_with(&format!("bpf-linker {BPF_LINKER_VERSION}.")))
+    Ok(out.status.success() && version.trim().starts_with(&format!("bpf-linker {BPF_LINKER_VERSION}.")))
 }
 
 /// `$HOME/.cache/weir/llvm-prefix`: a lasting place, since the installed
@@ -177,34 +148,23 @@ fn llvm_prefix() -> Result<PathBuf> {
 /// `lib/libLLVM.so` plus `lib/libLLVM.so.<version>` linking to nightly's
 /// libLLVM.
 fn make_llvm_prefix(prefix: &Path) -> Result<()> {
-    let sysroot =
-        cmd::stdout(cmd::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
-            .context("cannot find the nightly toolchain's sysroot")?;
+    let sysroot = cmd::stdout(cmd::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+        .context("cannot find the nightly toolchain's sysroot")?;
     let lib_dir = Path::new(sysroot.trim()).join("lib");
     let mut libs = Vec::new();
-    for entry in
-        fs::read_dir(&lib_dir).with_context(|| format!("cannot read {}", lib_dir.display()))?
-    {
+    for entry in fs::read_dir(&lib_dir).with_context(|| format!("cannot read {}", lib_dir.display()))? {
         let entry = entry?;
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with("libLLVM.so.")
-        {
+        if entry.file_name().to_string_lossy().starts_with("libLLVM.so.") {
             libs.push(entry.path());
         }
     }
     let [so] = libs.as_slice() else {
-        bail!(
-            "expected exactly one libLLVM.so.* in {}, found {libs:?}",
-            lib_dir.display()
-        );
+        bail!("expected exactly one libLLVM.so.* in {}, found {libs:?}", lib_dir.display());
     };
     let so_name = so.file_name().context("libLLVM path has no file name")?;
 
     if prefix.exists() {
-        fs::remove_dir_all(prefix)
-            .with_context(|| format!("cannot remove {}", prefix.display()))?;
+        fs::remove_dir_all(prefix).with_context(|| format!("cannot remove {}", prefix.display()))?;
     }
     let bin = prefix.join("bin");
     let lib = prefix.join("lib");
@@ -216,8 +176,7 @@ fn make_llvm_prefix(prefix: &Path) -> Result<()> {
         .with_context(|| format!("cannot write {}", llvm_config.display()))?;
     fs::set_permissions(&llvm_config, fs::Permissions::from_mode(0o755))?;
     for link in [lib.join("libLLVM.so"), lib.join(so_name)] {
-        symlink(so, &link)
-            .with_context(|| format!("cannot link {} to {}", link.display(), so.display()))?;
+        symlink(so, &link).with_context(|| format!("cannot link {} to {}", link.display(), so.display()))?;
     }
     eprintln!("llvm prefix {} -> {}", prefix.display(), so.display());
     Ok(())

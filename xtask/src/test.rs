@@ -21,21 +21,12 @@ pub struct TestArgs {
 }
 
 pub fn run(ws: &Workspace, args: &TestArgs) -> Result<()> {
-    cmd::run(ws.cargo().args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "weir-tests",
-        "--exclude",
-        "weir-ebpf",
-    ]))
-    .context("unit tests failed")?;
+    cmd::run(ws.cargo().args(["test", "--workspace", "--exclude", "weir-tests", "--exclude", "weir-ebpf"]))
+        .context("unit tests failed")?;
 
     let bins = ws.build_binaries(false)?;
 
-    cmd::require_root(
-        "the integration tests (they create network namespaces and load eBPF programs)",
-    )?;
+    cmd::require_root("the integration tests (they create network namespaces and load eBPF programs)")?;
     remove_leftover_namespaces()?;
 
     cmd::run(
@@ -54,8 +45,8 @@ pub fn run(ws: &Workspace, args: &TestArgs) -> Result<()> {
 /// `weir-t<pid>-<n>[-…]` (tests/src/names.rs); those whose process is still
 /// alive belong to a run in progress and are kept. Nothing else is touched.
 fn remove_leftover_namespaces() -> Result<()> {
-    let list = cmd::stdout(cmd::new("ip").args(["netns", "list"]))
-        .context("cannot list network namespaces")?;
+    let list =
+        cmd::stdout(cmd::new("ip").args(["netns", "list"])).context("cannot list network namespaces")?;
     let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
     for name in leftover_namespaces(&list, alive) {
         cmd::run(cmd::new("ip").args(["netns", "delete", name]))
@@ -88,9 +79,6 @@ mod tests {
         let list = "weir-t12-0 (id: 3)\nweir-t12-0-client\nweir-t77-1-backend (id: 4)\n\
                     weir-tx\nweir-demo-node (id: 2)\nblue\nmy-weir-t1 (id: 0)\n";
         let alive = |pid| pid == 77;
-        assert_eq!(
-            leftover_namespaces(list, alive),
-            ["weir-t12-0", "weir-t12-0-client", "weir-tx"]
-        );
+        assert_eq!(leftover_namespaces(list, alive), ["weir-t12-0", "weir-t12-0-client", "weir-tx"]);
     }
 }
