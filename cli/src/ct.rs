@@ -7,8 +7,8 @@ use nix::time::{ClockId, clock_gettime};
 use serde::Serialize;
 use weir_abi::{
     ct::{
-        CT_F_HAIRPIN, CT_F_RX_CLOSING, CT_F_TX_CLOSING, CT_KIND_FLOW, CT_KIND_SERVICE, CT_STATE_CLOSING,
-        CT_STATE_ESTABLISHED, CtEntry, CtKey,
+        CT_F_HAIRPIN, CT_F_RX_CLOSING, CT_F_TX_CLOSING, CT_KIND_FLOW, CT_KIND_INGRESS, CT_KIND_SERVICE,
+        CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CtEntry, CtKey,
     },
     map_name, proto,
 };
@@ -53,6 +53,7 @@ fn row(key: &CtKey, entry: &CtEntry, now: i64) -> CtRow {
         kind: match key.kind {
             CT_KIND_SERVICE => "service",
             CT_KIND_FLOW => "flow",
+            CT_KIND_INGRESS => "ingress",
             _ => "unknown",
         },
         protocol: proto::name(key.proto),
@@ -91,7 +92,8 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
             for r in &rows {
                 let via = match r.kind {
                     "service" => format!("backend={}", r.nat),
-                    _ => format!("RevNAT={}", r.nat),
+                    "flow" if r.service_id != 0 => format!("RevNAT={}", r.nat),
+                    _ => String::new(),
                 };
                 let client = r.client_address.map(|c| format!(" client={c}")).unwrap_or_default();
                 println!(

@@ -5,9 +5,9 @@
 
 use aya_ebpf::programs::TcContext;
 use weir_abi::{
-    ct::{CT_KIND_FLOW, CT_KIND_INGRESS, CT_KIND_SERVICE, CT_STATE_CLOSING, CtEntry},
+    ct::{CT_F_HAIRPIN, CT_KIND_FLOW, CT_KIND_INGRESS, CT_KIND_SERVICE, CT_STATE_CLOSING, CtEntry},
     events::{DIRECTION_INGRESS as EVENT_INGRESS, EVENT_NEW_CONNECTION, OBSERVED_TO_POD},
-    metrics::{DROP_CT_CREATE_FAILED, DROP_POLICY_DENIED, POLICY_ALLOWED},
+    metrics::{DROP_CT_CREATE_FAILED, DROP_POLICY_DENIED, POLICY_ALLOWED, REVERSE_NAT},
     policy::{DIRECTION_INGRESS, ENDPOINT_F_INGRESS_ISOLATED},
 };
 
@@ -18,6 +18,7 @@ use crate::{
     from_pod::ct_key,
     maps::{CONFIG, CONNTRACK},
     metrics::count,
+    nat::{End, rewrite_addr, rewrite_port},
     packet::Packet,
     policy,
 };
@@ -40,10 +41,19 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
     // 1. A reply to a connection this pod opened, directly ...
     let opened = ct_key(pkt.daddr_be, pkt.saddr_be, pkt.dport_be, pkt.sport_be, pkt.proto, CT_KIND_FLOW);
     if let Some(flow) = CONNTRACK.get_ptr_mut(&opened) {
-        // A local peer's from-pod program has accounted the reply already.
+        // SAFETY: a valid map value; concurrent updates only race on counters.
+        let flow = unsafe { &mut *flow };
+        // A local peer's from-pod program has accounted (and, for a service
+        // backend, reverse-translated) the reply already; a remote peer's
+        // reply arrives here as it left the other node.
         if policy::endpoint(pkt.saddr_be).is_none() {
-            // SAFETY: a valid map value; concurrent updates only race on counters.
-            conntrack::observe(unsafe { &mut *flow }, pkt, false, len, &cfg, now);
+            conntrack::observe(flow, pkt, false, len, &cfg, now);
+            if flow.service_id != 0 && flow.flags & CT_F_HAIRPIN == 0 {
+                let (nat_addr_be, nat_port_be) = (flow.nat_addr_be, flow.nat_port_be);
+                rewrite_addr(ctx, pkt, End::Source, pkt.saddr_be, nat_addr_be)?;
+                rewrite_port(ctx, pkt, End::Source, pkt.sport_be, nat_port_be)?;
+                count(REVERSE_NAT, len);
+            }
         }
         return Ok(());
     }

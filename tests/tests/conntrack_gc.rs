@@ -1,0 +1,89 @@
+//! Conntrack garbage collection and full maps (issue 2): entries past their
+//! lifetime disappear, and a map that is too small is reported, never silent,
+//! while what fits keeps being served.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use weir_tests::agent::AgentOptions;
+use weir_tests::cli::wait_until;
+use weir_tests::clients::{DEFAULT_TIMEOUT, udp_request};
+use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
+use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
+use weir_tests::servers::{TcpMode, TcpServer, UdpServer};
+
+fn options(extra: &[&str]) -> AgentOptions {
+    AgentOptions { extra_args: extra.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+}
+
+/// A UDP flow through a service leaves a service and a flow entry; once idle
+/// for longer than the (shortened) lifetime, the agent's GC deletes both.
+#[test]
+fn expired_entries_are_garbage_collected() -> Result<()> {
+    let mut bed = TestBed::with_options(options(&["--ct-lifetime-non-tcp", "2", "--ct-gc-interval", "1"]))?;
+    let client = bed.add_pod("client")?;
+    let backend = bed.add_pod("backend")?;
+    let _udp = UdpServer::start(&backend, 5353)?;
+    let vip = Ipv4Addr::new(10, 96, 0, 53);
+    let ports = [ServicePort::udp("dns", 53, 5353)];
+    let endpoints = [Endpoint::for_pod(backend.ip(), backend.name(), bed.node().name())];
+    bed.manifests().write(
+        "dns.yaml",
+        &[
+            service(NAMESPACE, "dns", &vip.to_string(), &ports),
+            endpoint_slice(NAMESPACE, "dns", "s1", &endpoints, &ports),
+        ],
+    )?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 53, "UDP", &[backend.ip()])?;
+    bed.wait_attached()?;
+    let reply = udp_request(&client, SocketAddrV4::new(vip, 53), DEFAULT_TIMEOUT)?;
+    ensure!(reply.name == "backend", "unexpected reply {reply:?}");
+
+    let udp_entries = |bed: &TestBed| -> Result<usize> {
+        Ok(bed.cli().ct_list()?.iter().filter(|e| e.protocol == "UDP").count())
+    };
+    // The client's side keeps a service and a flow entry, the backend's side
+    // an ingress entry (where its ingress verdict was taken).
+    let kinds: Vec<String> =
+        bed.cli().ct_list()?.into_iter().filter(|e| e.protocol == "UDP").map(|e| e.kind).collect();
+    ensure!(
+        kinds.len() == 3 && ["service", "flow", "ingress"].iter().all(|k| kinds.iter().any(|x| x == k)),
+        "{kinds:?}"
+    );
+    wait_until(Duration::from_secs(8), "the GC to delete the expired UDP entries", || {
+        Ok(udp_entries(&bed)? == 0)
+    })?;
+    ensure!(bed.agent().log().contains("conntrack GC"), "the GC pass is logged:\n{}", bed.agent().log());
+    Ok(())
+}
+
+/// With room for two frontends, a third is reported as a full map in the
+/// log, and the two that fit are served.
+#[test]
+fn a_full_services_map_is_reported_and_the_rest_served() -> Result<()> {
+    let mut bed = TestBed::with_options(options(&["--map-size-services", "2"]))?;
+    let client = bed.add_pod("client")?;
+    let backend = bed.add_pod("backend")?;
+    let _tcp = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
+    let endpoints = [Endpoint::for_pod(backend.ip(), backend.name(), bed.node().name())];
+    let ports = [ServicePort::tcp("http", 80, 8080)];
+    let vips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(10, 96, 1, i)).collect();
+    let mut docs = Vec::new();
+    for (i, vip) in vips.iter().enumerate() {
+        let name = format!("svc{i}");
+        docs.push(service(NAMESPACE, &name, &vip.to_string(), &ports));
+        docs.push(endpoint_slice(NAMESPACE, &name, "s1", &endpoints, &ports));
+    }
+    bed.manifests().write("three.yaml", &docs)?;
+    bed.agent_mut()
+        .wait_for_log_line(AGENT_TIMEOUT, "a map-full warning", |line| line.contains("map full"))?;
+    let served = bed.cli().lb_list()?;
+    ensure!(served.len() == 2, "two frontends fit: {served:#?}");
+    bed.wait_attached()?;
+    for row in &served {
+        let vip = row.frontend.address;
+        ensure!(bed.wait_tcp(&client, SocketAddrV4::new(vip, 80))? == "backend", "{vip} is served");
+    }
+    Ok(())
+}
