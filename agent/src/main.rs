@@ -133,7 +133,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // kube's client logs every failed request at ERROR; the source
+            // reports the same failures once per watch, with what it does.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube_client::client::builder=off".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -183,7 +186,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut datapath = Datapath::load(&args.bpffs_root, sizes)?;
     datapath.write_config(&args.datapath_config())?;
-    let mut agent = node::Agent::adopt(args.node_name.clone(), datapath)?;
+    let mut agent = node::Agent::adopt(args.node_name.clone(), datapath, args.hairpin_snat_ip)?;
 
     let kube_options =
         KubeOptions { kubeconfig: args.kubeconfig.clone(), api_server: args.api_server.clone() };

@@ -2,7 +2,7 @@
 //! program the load-balancer and policy maps, attach to local pods.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     sync::Arc,
 };
@@ -14,6 +14,7 @@ use crate::{
     datapath::{
         self, Datapath,
         attach::{Attachments, Hook},
+        conntrack::{StaleUdpBackend, flush_stale_udp},
     },
     lb::{self, sync::LbState, translate::desired_frontends},
     names::{self, Names, NamesReceiver, NamesSender, PodName, ServiceName},
@@ -35,12 +36,17 @@ pub struct Agent {
     state_file: String,
     /// Names for the flow monitor, republished after every apply.
     names: NamesSender,
+    /// UDP backends per frontend as last applied, to end the flows of
+    /// backends that leave.
+    udp_backends: HashMap<(u32, u16), HashSet<(u32, u16)>>,
+    /// The hairpin source address (network order), as configured.
+    hairpin_be: u32,
 }
 
 impl Agent {
     /// Takes over what the maps and links already hold (from an earlier run),
     /// so the first reconciliation only writes differences.
-    pub fn adopt(node_name: String, datapath: Datapath) -> anyhow::Result<Self> {
+    pub fn adopt(node_name: String, datapath: Datapath, hairpin: Ipv4Addr) -> anyhow::Result<Self> {
         let lb = datapath.adopt_lb_state()?;
         let policy = datapath.adopt_policy_state()?;
         let (frontends, backends) = lb.len();
@@ -61,6 +67,8 @@ impl Agent {
             local_pods: BTreeMap::new(),
             state_file: String::new(),
             names: names::channel().0,
+            udp_backends: HashMap::new(),
+            hairpin_be: u32::from_ne_bytes(hairpin.octets()),
         })
     }
 
@@ -153,6 +161,33 @@ impl Agent {
         identities
     }
 
+    /// Ends the UDP flows of backends that left their frontend. (TCP flows
+    /// keep their backend until they close, as with kube-proxy.)
+    fn flush_stale_udp(&mut self, desired: &lb::translate::Desired) {
+        let be = |addr: Ipv4Addr, port: u16| (u32::from_ne_bytes(addr.octets()), port.to_be());
+        let current: HashMap<(u32, u16), HashSet<(u32, u16)>> = desired
+            .iter()
+            .filter(|(f, _)| f.proto == weir_abi::proto::UDP)
+            .map(|(f, spec)| {
+                (be(f.address, f.port), spec.backends.iter().map(|b| be(b.address, b.port)).collect())
+            })
+            .collect();
+        let mut stale = HashSet::new();
+        for (frontend, before) in &self.udp_backends {
+            let now = current.get(frontend);
+            for backend in before {
+                if now.is_none_or(|n| !n.contains(backend)) {
+                    stale.insert(StaleUdpBackend { frontend_be: *frontend, backend_be: *backend });
+                }
+            }
+        }
+        self.udp_backends = current;
+        if !stale.is_empty() {
+            let deleted = flush_stale_udp(self.datapath.conntrack_mut(), &stale, self.hairpin_be);
+            info!(backends = stale.len(), entries = deleted, "ended UDP flows to removed backends");
+        }
+    }
+
     /// Returns service id → Service name.
     fn apply_services(&mut self, cluster: &Cluster) -> HashMap<u32, ServiceName> {
         let started = std::time::Instant::now();
@@ -169,6 +204,7 @@ impl Agent {
                 "load-balancer maps updated"
             );
         }
+        self.flush_stale_udp(&desired);
         desired
             .iter()
             .filter_map(|(frontend, spec)| {

@@ -87,3 +87,53 @@ fn a_full_services_map_is_reported_and_the_rest_served() -> Result<()> {
     }
     Ok(())
 }
+
+/// A client that keeps one UDP socket (a resolver talking to a DNS service)
+/// moves to the remaining backend as soon as its backend leaves the
+/// service: the agent ends the UDP flows of removed backends, as kube-proxy
+/// does, instead of letting them live until they idle out.
+#[test]
+fn udp_flows_to_a_removed_backend_end_at_once() -> Result<()> {
+    let mut bed = TestBed::new()?;
+    let client = bed.add_pod("client")?;
+    let old = bed.add_pod("old")?;
+    let new = bed.add_pod("new")?;
+    let _old_udp = UdpServer::start(&old, 5353)?;
+    let _new_udp = UdpServer::start(&new, 5353)?;
+    let vip = Ipv4Addr::new(10, 96, 0, 54);
+    let ports = [ServicePort::udp("dns", 53, 5353)];
+    let write = |bed: &TestBed, pod: &weir_tests::topology::Pod| {
+        let endpoints = [Endpoint::for_pod(pod.ip(), pod.name(), bed.node().name())];
+        bed.manifests().write(
+            "dns.yaml",
+            &[
+                service(NAMESPACE, "dns", &vip.to_string(), &ports),
+                endpoint_slice(NAMESPACE, "dns", "s1", &endpoints, &ports),
+            ],
+        )
+    };
+    write(&bed, &old)?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 53, "UDP", &[old.ip()])?;
+    bed.wait_attached()?;
+
+    let socket = client.run(|| -> std::io::Result<std::net::UdpSocket> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(SocketAddrV4::new(vip, 53))?;
+        socket.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
+        Ok(socket)
+    })??;
+    let ask = || -> Result<String> {
+        socket.send(b"q\n")?;
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+    };
+    ensure!(ask()? == "old");
+
+    write(&bed, &new)?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 53, "UDP", &[new.ip()])?;
+    // The flush follows the map update within the same sync; wait for it.
+    bed.agent_mut().wait_for_log_line(AGENT_TIMEOUT, "the UDP flush", |l| l.contains("ended UDP flows"))?;
+    ensure!(ask()? == "new", "the same UDP socket must reach the new backend at once");
+    Ok(())
+}

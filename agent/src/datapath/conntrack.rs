@@ -4,7 +4,9 @@
 
 use aya::maps::{HashMap, MapData};
 use nix::time::{ClockId, clock_gettime};
-use weir_abi::ct::{CtEntry, CtKey};
+use std::collections::HashSet;
+
+use weir_abi::ct::{CT_F_HAIRPIN, CT_KIND_FLOW, CT_KIND_SERVICE, CtEntry, CtKey};
 
 /// Seconds of CLOCK_MONOTONIC: the clock behind `bpf_ktime_get_ns`.
 pub fn now_secs() -> u32 {
@@ -41,4 +43,46 @@ pub fn collect_garbage(map: &mut HashMap<MapData, CtKey, CtEntry>, now: u32) -> 
         }
     }
     report
+}
+
+/// A (frontend, backend) pair whose UDP flows must end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StaleUdpBackend {
+    pub frontend_be: (u32, u16),
+    pub backend_be: (u32, u16),
+}
+
+/// Deletes the conntrack entries of UDP flows that a service sends to a
+/// backend that left it, so the next datagram picks a live backend at once
+/// (kube-proxy's `CleanStaleEntries`; without it a DNS client keeps talking
+/// to a deleted CoreDNS pod until its flow idles out — cilium#27300).
+pub fn flush_stale_udp(
+    map: &mut HashMap<MapData, CtKey, CtEntry>,
+    stale: &HashSet<StaleUdpBackend>,
+    hairpin_be: u32,
+) -> usize {
+    let mut doomed = Vec::new();
+    for (key, entry) in map.iter().flatten() {
+        if key.proto != weir_abi::proto::UDP || key.kind != CT_KIND_SERVICE {
+            continue;
+        }
+        let pair = StaleUdpBackend {
+            frontend_be: (key.daddr_be, key.dport_be),
+            backend_be: (entry.nat_addr_be, entry.nat_port_be),
+        };
+        if stale.contains(&pair) {
+            doomed.push(key);
+            let src_be = if entry.flags & CT_F_HAIRPIN != 0 { hairpin_be } else { key.saddr_be };
+            doomed.push(CtKey {
+                saddr_be: src_be,
+                daddr_be: entry.nat_addr_be,
+                sport_be: key.sport_be,
+                dport_be: entry.nat_port_be,
+                proto: key.proto,
+                kind: CT_KIND_FLOW,
+                _pad: [0; 2],
+            });
+        }
+    }
+    doomed.iter().filter(|key| map.remove(key).is_ok()).count()
 }

@@ -10,9 +10,15 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tracing::warn;
-use weir_abi::lb::{BACKEND_STATE_ACTIVE, Backend, SVC_FLAG_CLUSTER_IP, Service, ServiceKey, SlotKey};
+use weir_abi::lb::{
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_CLUSTER_IP, Service, ServiceKey,
+    SlotKey,
+};
 
-use super::{BackendAddr, Frontend, translate::Desired};
+use super::{
+    BackendAddr, Frontend,
+    translate::{Desired, FrontendSpec},
+};
 
 /// A failed map write.
 #[derive(Debug, thiserror::Error)]
@@ -145,11 +151,21 @@ impl LbState {
     fn ensure_backend(
         &mut self,
         addr: BackendAddr,
+        state: u8,
         maps: &mut impl LbMaps,
         report: &mut SyncReport,
     ) -> Result<u32, MapWriteError> {
-        if let Some(id) = self.backend_ids.get(&addr) {
-            return Ok(*id);
+        if let Some(id) = self.backend_ids.get(&addr).copied() {
+            // Same backend, new state (a pod started terminating): one write.
+            if let Some(backend) = self.backends.get_mut(&id)
+                && backend.state != state
+            {
+                let updated = Backend { state, ..*backend };
+                maps.put_backend(id, &updated)?;
+                report.writes += 1;
+                *backend = updated;
+            }
+            return Ok(id);
         }
         let id = loop {
             self.next_backend_id = self.next_backend_id.checked_add(1).unwrap_or(1);
@@ -161,7 +177,7 @@ impl LbState {
             address_be: u32::from_ne_bytes(addr.address.octets()),
             port_be: addr.port.to_be(),
             proto: addr.proto,
-            state: BACKEND_STATE_ACTIVE,
+            state,
         };
         maps.put_backend(id, &backend)?;
         report.writes += 1;
@@ -175,7 +191,7 @@ impl LbState {
     pub fn reconcile(&mut self, desired: &Desired, maps: &mut impl LbMaps) -> SyncReport {
         let mut report = SyncReport::default();
         for (frontend, spec) in desired {
-            if let Err(err) = self.sync_frontend(frontend, &spec.backends, maps, &mut report) {
+            if let Err(err) = self.sync_frontend(frontend, spec, maps, &mut report) {
                 report.errors.push((format!("{frontend} ({})", spec.service), err));
             }
         }
@@ -222,10 +238,12 @@ impl LbState {
     fn sync_frontend(
         &mut self,
         frontend: &Frontend,
-        backends: &std::collections::BTreeSet<BackendAddr>,
+        spec: &FrontendSpec,
         maps: &mut impl LbMaps,
         report: &mut SyncReport,
     ) -> Result<(), MapWriteError> {
+        let (backends, state) =
+            (&spec.backends, if spec.terminating { BACKEND_STATE_TERMINATING } else { BACKEND_STATE_ACTIVE });
         let key = key_of(frontend);
         if !self.services.contains_key(&key) {
             let service_id = self.alloc_service_id();
@@ -241,7 +259,7 @@ impl LbState {
         }
         let mut want = Vec::with_capacity(backends.len());
         for addr in backends {
-            want.push(self.ensure_backend(*addr, maps, report)?);
+            want.push(self.ensure_backend(*addr, state, maps, report)?);
         }
         let entry = self.services.get_mut(&key).expect("inserted above");
         let target = slot_layout(&entry.slots, &want);
@@ -347,7 +365,6 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::lb::translate::FrontendSpec;
 
     /// In-memory maps with the kernel's semantics that matter here: a
     /// capacity per map (E2BIG when full), and a count of every write.
@@ -443,7 +460,9 @@ mod tests {
     fn desired(entries: &[(Frontend, BTreeSet<BackendAddr>)]) -> Desired {
         entries
             .iter()
-            .map(|(f, b)| (*f, FrontendSpec { service: "default/svc".into(), backends: b.clone() }))
+            .map(|(f, b)| {
+                (*f, FrontendSpec { service: "default/svc".into(), backends: b.clone(), terminating: false })
+            })
             .collect()
     }
 

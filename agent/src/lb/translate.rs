@@ -20,6 +20,9 @@ pub struct FrontendSpec {
     pub service: String,
     /// Backends that take new connections, ordered for determinism.
     pub backends: BTreeSet<BackendAddr>,
+    /// No endpoint is ready and these backends are serving but terminating
+    /// (KEP-1669's fallback): they are marked terminating in the maps.
+    pub terminating: bool,
 }
 
 /// Every frontend the maps should hold.
@@ -98,6 +101,7 @@ pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desi
             };
             let port_name = port.name.as_deref().unwrap_or("");
             let mut backends = BTreeSet::new();
+            let mut fallback = BTreeSet::new();
             for slice in service_slices.into_iter().flatten() {
                 let slice_port = slice.ports.iter().flatten().find(|p| {
                     p.name.as_deref().unwrap_or("") == port_name
@@ -107,18 +111,38 @@ pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desi
                     continue;
                 };
                 for endpoint in &slice.endpoints {
-                    let ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                    let address = endpoint.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok());
-                    if let (true, Some(address)) = (ready, address) {
-                        backends.insert(BackendAddr { address, port: target_port, proto });
+                    let conditions = endpoint.conditions.as_ref();
+                    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+                    // `serving` defaults to `ready` (discovery/v1 API docs).
+                    let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+                    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+                    let Some(address) = endpoint.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok())
+                    else {
+                        continue;
+                    };
+                    let backend = BackendAddr { address, port: target_port, proto };
+                    if ready {
+                        backends.insert(backend);
+                    } else if serving && terminating {
+                        fallback.insert(backend);
                     }
                 }
+            }
+            // kube-proxy's rule (pkg/proxy/topology.go): ready endpoints
+            // first; only when there are none, serving terminating ones.
+            let terminating = backends.is_empty() && !fallback.is_empty();
+            if terminating {
+                backends = fallback;
             }
             for address in &ips {
                 let frontend = Frontend { address: *address, port: frontend_port, proto };
                 desired.insert(
                     frontend,
-                    FrontendSpec { service: format!("{namespace}/{name}"), backends: backends.clone() },
+                    FrontendSpec {
+                        service: format!("{namespace}/{name}"),
+                        backends: backends.clone(),
+                        terminating,
+                    },
                 );
             }
         }
@@ -185,6 +209,28 @@ endpoints:
             desired[&dns].backends,
             [backend("10.244.0.2", 5353, 17), backend("10.244.0.3", 5353, 17)].into()
         );
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready() {
+        let mut slice = web_slice();
+        slice.endpoints = vec![
+            yaml("{addresses: [10.244.0.7], conditions: {ready: false, serving: true, terminating: true}}"),
+            yaml("{addresses: [10.244.0.8], conditions: {ready: false, serving: false, terminating: true}}"),
+        ];
+        let desired = desired_frontends(&[web_service()], &[slice.clone()]);
+        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6 };
+        assert!(desired[&http].terminating);
+        assert_eq!(
+            desired[&http].backends,
+            [backend("10.244.0.7", 8080, 6)].into(),
+            "serving+terminating only"
+        );
+
+        slice.endpoints.push(yaml("{addresses: [10.244.0.9], conditions: {ready: true}}"));
+        let desired = desired_frontends(&[web_service()], &[slice]);
+        assert!(!desired[&http].terminating);
+        assert_eq!(desired[&http].backends, [backend("10.244.0.9", 8080, 6)].into(), "a ready endpoint wins");
     }
 
     #[test]
