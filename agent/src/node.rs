@@ -16,7 +16,7 @@ use crate::{
         attach::{Attachments, Hook},
         conntrack::{StaleUdpBackend, flush_stale_udp},
     },
-    lb::{self, sync::LbState, translate::desired_frontends},
+    lb::{self, sync::LbState, translate::desired_frontends_on},
     names::{self, Names, NamesReceiver, NamesSender, PodName, ServiceName},
     pods,
     policy::{self, sync::PolicyState},
@@ -191,7 +191,8 @@ impl Agent {
     /// Returns service id → Service name.
     fn apply_services(&mut self, cluster: &Cluster) -> HashMap<u32, ServiceName> {
         let started = std::time::Instant::now();
-        let desired = desired_frontends(&cluster.services, &cluster.endpoint_slices);
+        let desired =
+            desired_frontends_on(&cluster.services, &cluster.endpoint_slices, Some(&self.node_name));
         let report = self.lb.reconcile(&desired, &mut self.datapath);
         lb::sync::log_errors(&report);
         if report.writes + report.deletes > 0 {

@@ -70,7 +70,16 @@ fn namespace_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectM
 /// namespace, and a slice port serves a Service port when the names (and
 /// protocols) are equal. An endpoint is used when its `ready` condition is
 /// not false (unset means ready), and only its first address counts.
+#[cfg(test)]
 pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desired {
+    desired_frontends_on(services, slices, None)
+}
+
+/// [`desired_frontends`] as seen from `node`: Services with
+/// `internalTrafficPolicy: Local` keep only the endpoints on this node (and
+/// none elsewhere: with no local endpoint their traffic is dropped, as
+/// kube-proxy drops it).
+pub fn desired_frontends_on(services: &[Service], slices: &[EndpointSlice], node: Option<&str>) -> Desired {
     // (namespace, service name) → slices
     let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
@@ -93,6 +102,9 @@ pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desi
             continue;
         };
         let service_slices = slices_by_service.get(&(namespace.clone(), name.clone()));
+        let local_only = node.filter(|_| {
+            svc.spec.as_ref().and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local")
+        });
         for port in ports {
             let (Some(proto), Some(frontend_port)) =
                 (parse_protocol(port.protocol.as_deref()), parse_port(port.port))
@@ -111,6 +123,9 @@ pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desi
                     continue;
                 };
                 for endpoint in &slice.endpoints {
+                    if local_only.is_some_and(|node| endpoint.node_name.as_deref() != Some(node)) {
+                        continue;
+                    }
                     let conditions = endpoint.conditions.as_ref();
                     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
                     // `serving` defaults to `ready` (discovery/v1 API docs).
@@ -231,6 +246,20 @@ endpoints:
         let desired = desired_frontends(&[web_service()], &[slice]);
         assert!(!desired[&http].terminating);
         assert_eq!(desired[&http].backends, [backend("10.244.0.9", 8080, 6)].into(), "a ready endpoint wins");
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_local_endpoints() {
+        let mut svc = web_service();
+        svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        let mut slice = web_slice();
+        slice.endpoints[0].node_name = Some("n1".into());
+        slice.endpoints[1].node_name = Some("n2".into());
+        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6 };
+        let on_n1 = desired_frontends_on(&[svc.clone()], &[slice.clone()], Some("n1"));
+        assert_eq!(on_n1[&http].backends, [backend("10.244.0.2", 8080, 6)].into());
+        let on_n3 = desired_frontends_on(&[svc], &[slice], Some("n3"));
+        assert!(on_n3[&http].backends.is_empty(), "no local endpoint: no backend, traffic dropped");
     }
 
     #[test]
