@@ -23,15 +23,12 @@ const BAD: &[(&str, Option<&str>)] = &[
 
 /// The log lines of the agent's latest run.
 fn latest_run(log: &str) -> &str {
-    log.rfind("=== weir-tests: starting")
-        .map_or(log, |i| &log[i..])
+    log.rfind("=== weir-tests: starting").map_or(log, |i| &log[i..])
 }
 
 fn reported(log: &str, file: &str, object: Option<&str>) -> bool {
     latest_run(log).lines().any(|line| {
-        line.contains(file)
-            && line.contains("skipped")
-            && object.is_none_or(|name| line.contains(name))
+        line.contains(file) && line.contains("skipped") && object.is_none_or(|name| line.contains(name))
     })
 }
 
@@ -42,11 +39,7 @@ fn malformed_manifests_are_reported_and_skipped() -> Result<()> {
     let backend = bed.add_pod("backend")?;
     let _server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    let endpoints = [Endpoint::for_pod(
-        backend.ip(),
-        backend.name(),
-        bed.node().name(),
-    )];
+    let endpoints = [Endpoint::for_pod(backend.ip(), backend.name(), bed.node().name())];
     let good = Ipv4Addr::new(10, 96, 0, 80);
     let mixed_good = Ipv4Addr::new(10, 96, 0, 81);
     let bad_port_vip = Ipv4Addr::new(10, 96, 0, 82);
@@ -69,13 +62,7 @@ fn malformed_manifests_are_reported_and_skipped() -> Result<()> {
     )?;
     let mut bad_port = service(NAMESPACE, "bad-port", &bad_port_vip.to_string(), &ports);
     bad_port["spec"]["ports"][0]["port"] = json!(70000);
-    m.write(
-        "bad-port.yaml",
-        &[
-            bad_port,
-            endpoint_slice(NAMESPACE, "bad-port", "s1", &endpoints, &ports),
-        ],
-    )?;
+    m.write("bad-port.yaml", &[bad_port, endpoint_slice(NAMESPACE, "bad-port", "s1", &endpoints, &ports)])?;
     m.write(
         "unknown-kind.yaml",
         &[json!({ "apiVersion": "v1", "kind": "Frobnicator", "metadata": { "name": "mystery", "namespace": NAMESPACE } })],
@@ -116,33 +103,16 @@ fn malformed_manifests_are_reported_and_skipped() -> Result<()> {
                 panic!("{e:#}\nagent log:\n{}", agent.log());
             }
         }
-        bed.cli()
-            .wait_for_backends(AGENT_TIMEOUT, good, 80, "TCP", &[backend.ip()])?;
-        bed.cli()
-            .wait_for_backends(AGENT_TIMEOUT, mixed_good, 80, "TCP", &[backend.ip()])?;
-        assert_eq!(
-            bed.wait_tcp(&client, SocketAddrV4::new(good, 80))?,
-            "backend"
-        );
-        assert_eq!(
-            bed.wait_tcp(&client, SocketAddrV4::new(mixed_good, 80))?,
-            "backend"
-        );
-        let frontends: Vec<Ipv4Addr> = bed
-            .cli()
-            .lb_list()?
-            .iter()
-            .map(|s| s.frontend.address)
-            .collect();
+        bed.cli().wait_for_backends(AGENT_TIMEOUT, good, 80, "TCP", &[backend.ip()])?;
+        bed.cli().wait_for_backends(AGENT_TIMEOUT, mixed_good, 80, "TCP", &[backend.ip()])?;
+        assert_eq!(bed.wait_tcp(&client, SocketAddrV4::new(good, 80))?, "backend");
+        assert_eq!(bed.wait_tcp(&client, SocketAddrV4::new(mixed_good, 80))?, "backend");
+        let frontends: Vec<Ipv4Addr> = bed.cli().lb_list()?.iter().map(|s| s.frontend.address).collect();
         assert!(
             !frontends.contains(&bad_port_vip) && !frontends.contains(&mixed_bad_vip),
             "{run}: a skipped service has a frontend: {frontends:?}"
         );
-        assert_eq!(
-            frontends.len(),
-            2,
-            "{run}: only the two good services should be served: {frontends:?}"
-        );
+        assert_eq!(frontends.len(), 2, "{run}: only the two good services should be served: {frontends:?}");
     }
     Ok(())
 }

@@ -23,10 +23,8 @@ fn write_service(
     ports: &[ServicePort],
     backends: &[&Pod],
 ) -> Result<()> {
-    let endpoints: Vec<Endpoint> = backends
-        .iter()
-        .map(|p| Endpoint::for_pod(p.ip(), p.name(), bed.node().name()))
-        .collect();
+    let endpoints: Vec<Endpoint> =
+        backends.iter().map(|p| Endpoint::for_pod(p.ip(), p.name(), bed.node().name())).collect();
     bed.manifests().write(
         &format!("{name}.yaml"),
         &[
@@ -47,20 +45,11 @@ fn tcp_and_udp_through_cluster_ip() -> Result<()> {
     let udp = UdpServer::start(&backend, 5353)?;
 
     let vip = Ipv4Addr::new(10, 96, 0, 10);
-    let ports = [
-        ServicePort::tcp("http", 80, 8080),
-        ServicePort::udp("dns", 53, 5353),
-    ];
+    let ports = [ServicePort::tcp("http", 80, 8080), ServicePort::udp("dns", 53, 5353)];
     write_service(&bed, "web", vip, &ports, &[&backend])?;
-    let row = bed
-        .cli()
-        .wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[backend.ip()])?;
-    assert_eq!(
-        row.backends[0].port, 8080,
-        "lb list: wrong target port: {row:?}"
-    );
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, vip, 53, "UDP", &[backend.ip()])?;
+    let row = bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[backend.ip()])?;
+    assert_eq!(row.backends[0].port, 8080, "lb list: wrong target port: {row:?}");
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 53, "UDP", &[backend.ip()])?;
 
     // TCP: the handshake only completes if the SYN-ACK comes back from
     // vip:80 (the client would answer anything else with a RST), and the
@@ -89,10 +78,7 @@ fn tcp_and_udp_through_cluster_ip() -> Result<()> {
                 && SocketAddr::from((e.source.address, e.source.port)) == local
         })
         .with_context(|| format!("no service CT entry for {local} in `weir ct list`: {ct:#?}"))?;
-    assert_eq!(
-        (entry.destination.address, entry.destination.port),
-        (vip, 80)
-    );
+    assert_eq!((entry.destination.address, entry.destination.port), (vip, 80));
     assert_eq!((entry.nat.address, entry.nat.port), (backend.ip(), 8080));
     assert_eq!(entry.state, "established", "{entry:?}");
 
@@ -100,15 +86,8 @@ fn tcp_and_udp_through_cluster_ip() -> Result<()> {
     let udp_vip = SocketAddrV4::new(vip, 53);
     let reply = bed.wait_udp(&client, udp_vip)?;
     assert_eq!(reply.name, "backend");
-    assert_eq!(
-        reply.from,
-        SocketAddr::V4(udp_vip),
-        "UDP reply not reverse-NATed"
-    );
-    assert_eq!(
-        udp.peers().last().map(SocketAddr::ip),
-        Some(client.ip().into())
-    );
+    assert_eq!(reply.from, SocketAddr::V4(udp_vip), "UDP reply not reverse-NATed");
+    assert_eq!(udp.peers().last().map(SocketAddr::ip), Some(client.ip().into()));
     let ct = bed.cli().ct_list()?;
     assert!(
         ct.iter().any(|e| e.kind == "service"
@@ -125,41 +104,25 @@ fn tcp_and_udp_through_cluster_ip() -> Result<()> {
 fn spread_600_connections_over_3_backends() -> Result<()> {
     let mut bed = TestBed::new()?;
     let client = bed.add_pod("client")?;
-    let backends = [
-        bed.add_pod("backend-a")?,
-        bed.add_pod("backend-b")?,
-        bed.add_pod("backend-c")?,
-    ];
-    let servers = backends
-        .iter()
-        .map(|p| TcpServer::start(p, 8080, TcpMode::Lines))
-        .collect::<Result<Vec<_>>>()?;
+    let backends = [bed.add_pod("backend-a")?, bed.add_pod("backend-b")?, bed.add_pod("backend-c")?];
+    let servers =
+        backends.iter().map(|p| TcpServer::start(p, 8080, TcpMode::Lines)).collect::<Result<Vec<_>>>()?;
 
     let vip = Ipv4Addr::new(10, 96, 0, 20);
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    write_service(
-        &bed,
-        "spread",
-        vip,
-        &ports,
-        &backends.iter().collect::<Vec<_>>(),
-    )?;
+    write_service(&bed, "spread", vip, &ports, &backends.iter().collect::<Vec<_>>())?;
     let ips: Vec<Ipv4Addr> = backends.iter().map(Pod::ip).collect();
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &ips)?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &ips)?;
     let addr = SocketAddrV4::new(vip, 80);
     bed.wait_tcp(&client, addr)?;
     let accepted_before: usize = servers.iter().map(TcpServer::accepted).sum();
 
     const N: usize = 600;
-    let mut counts: BTreeMap<String, usize> =
-        backends.iter().map(|p| (p.name().to_owned(), 0)).collect();
+    let mut counts: BTreeMap<String, usize> = backends.iter().map(|p| (p.name().to_owned(), 0)).collect();
     for i in 0..N {
         let name = clients::tcp_request(&client, addr, DEFAULT_TIMEOUT)
             .with_context(|| format!("connection {i} of {N}"))?;
-        *counts
-            .get_mut(&name)
-            .with_context(|| format!("answer from an unknown pod {name:?}"))? += 1;
+        *counts.get_mut(&name).with_context(|| format!("answer from an unknown pod {name:?}"))? += 1;
     }
     eprintln!("spread of {N} connections: {counts:?}");
     let accepted: usize = servers.iter().map(TcpServer::accepted).sum::<usize>() - accepted_before;
@@ -182,28 +145,15 @@ fn spread_600_connections_over_3_backends() -> Result<()> {
 fn removed_endpoint_keeps_established_but_gets_no_new_connections() -> Result<()> {
     let mut bed = TestBed::new()?;
     let client = bed.add_pod("client")?;
-    let backends = [
-        bed.add_pod("backend-a")?,
-        bed.add_pod("backend-b")?,
-        bed.add_pod("backend-c")?,
-    ];
-    let _servers = backends
-        .iter()
-        .map(|p| TcpServer::start(p, 8080, TcpMode::Lines))
-        .collect::<Result<Vec<_>>>()?;
+    let backends = [bed.add_pod("backend-a")?, bed.add_pod("backend-b")?, bed.add_pod("backend-c")?];
+    let _servers =
+        backends.iter().map(|p| TcpServer::start(p, 8080, TcpMode::Lines)).collect::<Result<Vec<_>>>()?;
 
     let vip = Ipv4Addr::new(10, 96, 0, 30);
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    write_service(
-        &bed,
-        "shrink",
-        vip,
-        &ports,
-        &backends.iter().collect::<Vec<_>>(),
-    )?;
+    write_service(&bed, "shrink", vip, &ports, &backends.iter().collect::<Vec<_>>())?;
     let ips: Vec<Ipv4Addr> = backends.iter().map(Pod::ip).collect();
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &ips)?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &ips)?;
     let addr = SocketAddrV4::new(vip, 80);
     bed.wait_tcp(&client, addr)?;
 
@@ -217,28 +167,16 @@ fn removed_endpoint_keeps_established_but_gets_no_new_connections() -> Result<()
     let remaining: Vec<&Pod> = backends.iter().filter(|p| p.name() != pinned).collect();
     write_service(&bed, "shrink", vip, &ports, &remaining)?;
     let remaining_ips: Vec<Ipv4Addr> = remaining.iter().map(|p| p.ip()).collect();
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &remaining_ips)?;
-    eprintln!(
-        "removed {} ({}); remaining {remaining_ips:?}",
-        removed.name(),
-        removed.ip()
-    );
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &remaining_ips)?;
+    eprintln!("removed {} ({}); remaining {remaining_ips:?}", removed.name(), removed.ip());
 
-    assert_eq!(
-        conn.exchange()?,
-        pinned,
-        "established connection broke after the endpoint was removed"
-    );
+    assert_eq!(conn.exchange()?, pinned, "established connection broke after the endpoint was removed");
     // With 3 equally likely backends, 60 misses by chance happen with
     // probability (2/3)^60 ≈ 3e-11: this fails if removal is ignored.
     for i in 0..60 {
         let name = clients::tcp_request(&client, addr, DEFAULT_TIMEOUT)
             .with_context(|| format!("new connection {i}"))?;
-        assert_ne!(
-            name, pinned,
-            "new connection {i} reached the removed endpoint"
-        );
+        assert_ne!(name, pinned, "new connection {i} reached the removed endpoint");
     }
     assert_eq!(conn.exchange()?, pinned, "established connection broke");
     Ok(())
@@ -252,16 +190,13 @@ fn added_endpoint_receives_new_connections() -> Result<()> {
     let client = bed.add_pod("client")?;
     let first = bed.add_pod("backend-a")?;
     let second = bed.add_pod("backend-b")?;
-    let _servers = [
-        TcpServer::start(&first, 8080, TcpMode::Lines)?,
-        TcpServer::start(&second, 8080, TcpMode::Lines)?,
-    ];
+    let _servers =
+        [TcpServer::start(&first, 8080, TcpMode::Lines)?, TcpServer::start(&second, 8080, TcpMode::Lines)?];
 
     let vip = Ipv4Addr::new(10, 96, 0, 35);
     let ports = [ServicePort::tcp("http", 80, 8080)];
     write_service(&bed, "grow", vip, &ports, &[&first])?;
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[first.ip()])?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[first.ip()])?;
     let addr = SocketAddrV4::new(vip, 80);
     for i in 0..10 {
         let name = if i == 0 {
@@ -273,8 +208,7 @@ fn added_endpoint_receives_new_connections() -> Result<()> {
     }
 
     write_service(&bed, "grow", vip, &ports, &[&first, &second])?;
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[first.ip(), second.ip()])?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[first.ip(), second.ip()])?;
     // With two equally likely backends, 60 connections all missing the new
     // one happens with probability 2^-60.
     let mut reached_second = 0;
@@ -285,10 +219,7 @@ fn added_endpoint_receives_new_connections() -> Result<()> {
             reached_second += 1;
         }
     }
-    assert!(
-        reached_second > 0,
-        "no new connection reached the added endpoint"
-    );
+    assert!(reached_second > 0, "no new connection reached the added endpoint");
     eprintln!("added endpoint got {reached_second}/60 new connections");
     Ok(())
 }
@@ -304,13 +235,9 @@ fn deleted_service_traffic_is_dropped_and_counted() -> Result<()> {
     let _udp = UdpServer::start(&backend, 5353)?;
 
     let vip = Ipv4Addr::new(10, 96, 0, 40);
-    let ports = [
-        ServicePort::tcp("http", 80, 8080),
-        ServicePort::udp("dns", 53, 5353),
-    ];
+    let ports = [ServicePort::tcp("http", 80, 8080), ServicePort::udp("dns", 53, 5353)];
     write_service(&bed, "doomed", vip, &ports, &[&backend])?;
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[backend.ip()])?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[backend.ip()])?;
     let addr = SocketAddrV4::new(vip, 80);
     assert_eq!(bed.wait_tcp(&client, addr)?, "backend");
 
@@ -320,28 +247,15 @@ fn deleted_service_traffic_is_dropped_and_counted() -> Result<()> {
     let accepted_before = tcp.accepted();
 
     let result = TcpConn::connect(&client, addr, Duration::from_secs(1));
-    assert!(
-        result.is_err(),
-        "connected to a deleted service: {result:?}"
-    );
-    let udp = clients::udp_request(
-        &client,
-        SocketAddrV4::new(vip, 53),
-        Duration::from_millis(500),
-    );
+    assert!(result.is_err(), "connected to a deleted service: {result:?}");
+    let udp = clients::udp_request(&client, SocketAddrV4::new(vip, 53), Duration::from_millis(500));
     assert!(udp.is_err(), "UDP answer from a deleted service: {udp:?}");
-    assert_eq!(
-        tcp.accepted(),
-        accepted_before,
-        "the backend still got a connection"
-    );
+    assert_eq!(tcp.accepted(), accepted_before, "the backend still got a connection");
 
     let cli = bed.cli();
-    wait_until(
-        AGENT_TIMEOUT,
-        "metric 174 to count the dropped packets",
-        || Ok(cli.metric_packets(codes::IS_A_CLUSTER_IP)? > dropped_before),
-    )
+    wait_until(AGENT_TIMEOUT, "metric 174 to count the dropped packets", || {
+        Ok(cli.metric_packets(codes::IS_A_CLUSTER_IP)? > dropped_before)
+    })
     .with_context(|| format!("metrics: {:?}", cli.metrics()))?;
     let metric = cli
         .metrics()?
@@ -365,8 +279,7 @@ fn service_without_ready_endpoints_drops_with_158() -> Result<()> {
     let ports = [ServicePort::tcp("http", 80, 8080)];
     let live = Ipv4Addr::new(10, 96, 0, 50);
     write_service(&bed, "live", live, &ports, &[&backend])?;
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, live, 80, "TCP", &[backend.ip()])?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, live, 80, "TCP", &[backend.ip()])?;
     bed.wait_tcp(&client, SocketAddrV4::new(live, 80))?;
 
     let empty = Ipv4Addr::new(10, 96, 0, 51);
@@ -374,40 +287,20 @@ fn service_without_ready_endpoints_drops_with_158() -> Result<()> {
         "empty.yaml",
         &[
             service(NAMESPACE, "empty", &empty.to_string(), &ports),
-            endpoint_slice(
-                NAMESPACE,
-                "empty",
-                "s1",
-                &[Endpoint::not_ready(backend.ip())],
-                &ports,
-            ),
+            endpoint_slice(NAMESPACE, "empty", "s1", &[Endpoint::not_ready(backend.ip())], &ports),
         ],
     )?;
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, empty, 80, "TCP", &[])?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, empty, 80, "TCP", &[])?;
     let dropped_before = bed.cli().metric_packets(codes::NO_BACKEND)?;
     let accepted_before = tcp.accepted();
 
-    let result = TcpConn::connect(
-        &client,
-        SocketAddrV4::new(empty, 80),
-        Duration::from_secs(1),
-    );
-    assert!(
-        result.is_err(),
-        "connected to a service without ready endpoints: {result:?}"
-    );
-    assert_eq!(
-        tcp.accepted(),
-        accepted_before,
-        "a not-ready endpoint got a connection"
-    );
+    let result = TcpConn::connect(&client, SocketAddrV4::new(empty, 80), Duration::from_secs(1));
+    assert!(result.is_err(), "connected to a service without ready endpoints: {result:?}");
+    assert_eq!(tcp.accepted(), accepted_before, "a not-ready endpoint got a connection");
     let cli = bed.cli();
-    wait_until(
-        AGENT_TIMEOUT,
-        "metric 158 to count the dropped packets",
-        || Ok(cli.metric_packets(codes::NO_BACKEND)? > dropped_before),
-    )
+    wait_until(AGENT_TIMEOUT, "metric 158 to count the dropped packets", || {
+        Ok(cli.metric_packets(codes::NO_BACKEND)? > dropped_before)
+    })
     .with_context(|| format!("metrics: {:?}", cli.metrics()))?;
     Ok(())
 }
@@ -422,15 +315,8 @@ fn hairpin_tcp() -> Result<()> {
     let tcp = TcpServer::start(&solo, 8080, TcpMode::Lines)?;
 
     let vip = Ipv4Addr::new(10, 96, 0, 60);
-    write_service(
-        &bed,
-        "self",
-        vip,
-        &[ServicePort::tcp("http", 80, 8080)],
-        &[&solo],
-    )?;
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[solo.ip()])?;
+    write_service(&bed, "self", vip, &[ServicePort::tcp("http", 80, 8080)], &[&solo])?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[solo.ip()])?;
     let addr = SocketAddrV4::new(vip, 80);
     assert_eq!(bed.wait_tcp(&solo, addr)?, "solo");
 
@@ -459,26 +345,12 @@ fn hairpin_udp() -> Result<()> {
     let udp = UdpServer::start(&solo, 5353)?;
 
     let vip = Ipv4Addr::new(10, 96, 0, 61);
-    write_service(
-        &bed,
-        "self",
-        vip,
-        &[ServicePort::udp("dns", 53, 5353)],
-        &[&solo],
-    )?;
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, vip, 53, "UDP", &[solo.ip()])?;
+    write_service(&bed, "self", vip, &[ServicePort::udp("dns", 53, 5353)], &[&solo])?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 53, "UDP", &[solo.ip()])?;
     let addr = SocketAddrV4::new(vip, 53);
     let reply = bed.wait_udp(&solo, addr)?;
     assert_eq!(reply.name, "solo");
-    assert_eq!(
-        reply.from,
-        SocketAddr::V4(addr),
-        "hairpin UDP reply not reverse-NATed"
-    );
-    assert_eq!(
-        udp.peers().last().map(SocketAddr::ip),
-        Some(HAIRPIN_SNAT_IP.into())
-    );
+    assert_eq!(reply.from, SocketAddr::V4(addr), "hairpin UDP reply not reverse-NATed");
+    assert_eq!(udp.peers().last().map(SocketAddr::ip), Some(HAIRPIN_SNAT_IP.into()));
     Ok(())
 }

@@ -5,7 +5,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use weir_tests::cli::LbService;
 use weir_tests::clients::{self, DEFAULT_TIMEOUT, TcpConn};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
@@ -32,20 +32,13 @@ fn agent_sigkill_and_restart_keeps_connections_and_maps() -> Result<()> {
     let mut bed = TestBed::new()?;
     let client = bed.add_pod("client")?;
     let backends = [bed.add_pod("backend-a")?, bed.add_pod("backend-b")?];
-    let _tcp = backends
-        .iter()
-        .map(|p| TcpServer::start(p, 8080, TcpMode::Lines))
-        .collect::<Result<Vec<_>>>()?;
-    let _udp = backends
-        .iter()
-        .map(|p| UdpServer::start(p, 5353))
-        .collect::<Result<Vec<_>>>()?;
+    let _tcp =
+        backends.iter().map(|p| TcpServer::start(p, 8080, TcpMode::Lines)).collect::<Result<Vec<_>>>()?;
+    let _udp = backends.iter().map(|p| UdpServer::start(p, 5353)).collect::<Result<Vec<_>>>()?;
 
     let node = bed.node().name().to_owned();
-    let endpoints: Vec<Endpoint> = backends
-        .iter()
-        .map(|p| Endpoint::for_pod(p.ip(), p.name(), &node))
-        .collect();
+    let endpoints: Vec<Endpoint> =
+        backends.iter().map(|p| Endpoint::for_pod(p.ip(), p.name(), &node)).collect();
     let web = Ipv4Addr::new(10, 96, 0, 70);
     let dns = Ipv4Addr::new(10, 96, 0, 71);
     let web_ports = [ServicePort::tcp("http", 80, 8080)];
@@ -60,34 +53,33 @@ fn agent_sigkill_and_restart_keeps_connections_and_maps() -> Result<()> {
         ],
     )?;
     let ips: Vec<Ipv4Addr> = backends.iter().map(|p| p.ip()).collect();
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, web, 80, "TCP", &ips)?;
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, dns, 53, "UDP", &ips)?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, web, 80, "TCP", &ips)?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, dns, 53, "UDP", &ips)?;
     let addr = SocketAddrV4::new(web, 80);
     bed.wait_tcp(&client, addr)?;
     bed.wait_udp(&client, SocketAddrV4::new(dns, 53))?;
 
+    // The datapath works as soon as a link exists, a moment before the agent
+    // pins it: wait for the pins so the kill finds a settled state.
+    bed.wait_attached()?;
+    let mut links_before = bed.agent().pinned_links()?;
+    links_before.sort_unstable();
+
     // Before.
-    let mut conn = TcpConn::connect(&client, addr, DEFAULT_TIMEOUT)?;
-    let pinned = conn.exchange()?;
+    let mut conn =
+        TcpConn::connect(&client, addr, DEFAULT_TIMEOUT).context("before: long-lived connection")?;
+    let pinned = conn.exchange().context("before: exchange")?;
     let before = sorted(bed.cli().lb_list()?);
     assert_eq!(before.len(), 2, "{before:#?}");
 
     // During: the agent is dead, the datapath is not.
     bed.agent_mut().kill()?;
-    assert_eq!(
-        conn.exchange()?,
-        pinned,
-        "established connection broke when the agent died"
-    );
-    assert_eq!(
-        sorted(bed.cli().lb_list()?),
-        before,
-        "maps changed when the agent died"
-    );
-    clients::tcp_request(&client, addr, DEFAULT_TIMEOUT)?;
-    clients::udp_request(&client, SocketAddrV4::new(dns, 53), DEFAULT_TIMEOUT)?;
+    let during = conn.exchange().context("during: exchange on the established connection")?;
+    assert_eq!(during, pinned, "established connection moved when the agent died");
+    assert_eq!(sorted(bed.cli().lb_list()?), before, "maps changed when the agent died");
+    clients::tcp_request(&client, addr, DEFAULT_TIMEOUT).context("during: new TCP connection")?;
+    clients::udp_request(&client, SocketAddrV4::new(dns, 53), DEFAULT_TIMEOUT)
+        .context("during: UDP request")?;
 
     // After: the restarted agent works (it programs a new service) and kept
     // the existing state as it was, ids and slots included.
@@ -100,25 +92,22 @@ fn agent_sigkill_and_restart_keeps_connections_and_maps() -> Result<()> {
             endpoint_slice(NAMESPACE, "probe", "s1", &endpoints, &web_ports),
         ],
     )?;
-    bed.cli()
-        .wait_for_backends(AGENT_TIMEOUT, probe, 80, "TCP", &ips)?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, probe, 80, "TCP", &ips)?;
     bed.agent_mut().ensure_running()?;
-    let after: Vec<LbService> = sorted(bed.cli().lb_list()?)
-        .into_iter()
-        .filter(|s| s.frontend.address != probe)
-        .collect();
+    let after: Vec<LbService> =
+        sorted(bed.cli().lb_list()?).into_iter().filter(|s| s.frontend.address != probe).collect();
     assert_eq!(after, before, "`weir lb list` differs after the restart");
+    let mut links_after = bed.agent().pinned_links()?;
+    links_after.sort_unstable();
     assert_eq!(
-        conn.exchange()?,
-        pinned,
-        "established connection broke after the restart"
+        links_after, links_before,
+        "the restarted agent replaced its pinned links instead of adopting them"
     );
-    assert_eq!(
-        bed.wait_tcp(&client, SocketAddrV4::new(probe, 80))
-            .map(|_| ())?,
-        ()
-    );
-    clients::tcp_request(&client, addr, DEFAULT_TIMEOUT)?;
-    assert_eq!(conn.exchange()?, pinned);
+    let after_restart = conn.exchange().context("after: exchange on the established connection")?;
+    assert_eq!(after_restart, pinned, "established connection moved after the restart");
+    bed.wait_tcp(&client, SocketAddrV4::new(probe, 80)).context("after: the new service")?;
+    clients::tcp_request(&client, addr, DEFAULT_TIMEOUT).context("after: new TCP connection")?;
+    let last = conn.exchange().context("after: last exchange")?;
+    assert_eq!(last, pinned);
     Ok(())
 }

@@ -31,11 +31,7 @@ fn pod_to_pod_direct() -> Result<()> {
         root_ip_forward,
         "the harness changed the root namespace's ip_forward"
     );
-    assert_eq!(
-        node.netns()
-            .sysctl(&format!("net.ipv4.conf.{}.rp_filter", a.host_interface()))?,
-        "0"
-    );
+    assert_eq!(node.netns().sysctl(&format!("net.ipv4.conf.{}.rp_filter", a.host_interface()))?, "0");
 
     let tcp_b = TcpServer::start(&b, 8080, TcpMode::Lines)?;
     let udp_b = UdpServer::start(&b, 5353)?;
@@ -57,10 +53,7 @@ fn pod_to_pod_direct() -> Result<()> {
     assert_eq!(udp_b.peers()[0].ip(), a.ip());
 
     // And the other way round, over HTTP.
-    assert_eq!(
-        clients::http_get(&b, SocketAddrV4::new(a.ip(), 8081), TIMEOUT)?,
-        "pod-a"
-    );
+    assert_eq!(clients::http_get(&b, SocketAddrV4::new(a.ip(), 8081), TIMEOUT)?, "pod-a");
     assert_eq!(http_a.requests(), 1);
 
     // An address without a pod is not reachable: the checks above can fail.
@@ -83,16 +76,10 @@ fn guards_remove_namespaces_and_interfaces() -> Result<()> {
     drop(server);
     drop(pod);
     let links = node.netns().ip(&["-o", "link", "show"])?;
-    assert!(
-        !links.contains(&format!("{host_if}@")),
-        "{host_if} still exists:\n{links}"
-    );
+    assert!(!links.contains(&format!("{host_if}@")), "{host_if} still exists:\n{links}");
     assert!(!netns::path_of(&pod_ns).exists(), "{pod_ns} still exists");
 
     drop(node);
-    assert!(
-        !netns::path_of(&node_name).exists(),
-        "{node_name} still exists"
-    );
+    assert!(!netns::path_of(&node_name).exists(), "{node_name} still exists");
     Ok(())
 }

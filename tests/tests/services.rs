@@ -1,6 +1,8 @@
-//! Conntrack garbage collection and full maps (issue 2): entries past their
-//! lifetime disappear, and a map that is too small is reported, never silent,
-//! while what fits keeps being served.
+//! Service semantics beyond the basic ClusterIP path: conntrack garbage
+//! collection and full maps (issue 2: entries past their lifetime disappear; a
+//! map that is too small is reported, never silent, while what fits keeps
+//! being served), and kube-proxy behaviours users rely on (issue 6): UDP
+//! flows leave a removed backend at once, session affinity.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
@@ -135,5 +137,35 @@ fn udp_flows_to_a_removed_backend_end_at_once() -> Result<()> {
     // The flush follows the map update within the same sync; wait for it.
     bed.agent_mut().wait_for_log_line(AGENT_TIMEOUT, "the UDP flush", |l| l.contains("ended UDP flows"))?;
     ensure!(ask()? == "new", "the same UDP socket must reach the new backend at once");
+    Ok(())
+}
+
+/// `sessionAffinity: ClientIP`: every new connection of one client goes to
+/// the same backend (31 in a row over 3 backends: by chance 1 in 10^14).
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend() -> Result<()> {
+    let mut bed = TestBed::new()?;
+    let client = bed.add_pod("client")?;
+    let backends: Vec<_> = (0..3).map(|i| bed.add_pod(&format!("be{i}"))).collect::<Result<_>>()?;
+    let _servers: Vec<_> =
+        backends.iter().map(|b| TcpServer::start(b, 8080, TcpMode::Lines)).collect::<Result<_>>()?;
+    let vip = Ipv4Addr::new(10, 96, 0, 80);
+    let ports = [ServicePort::tcp("http", 80, 8080)];
+    let endpoints: Vec<Endpoint> =
+        backends.iter().map(|b| Endpoint::for_pod(b.ip(), b.name(), bed.node().name())).collect();
+    let mut svc = service(NAMESPACE, "sticky", &vip.to_string(), &ports);
+    svc["spec"]["sessionAffinity"] = serde_json::json!("ClientIP");
+    svc["spec"]["sessionAffinityConfig"] = serde_json::json!({"clientIP": {"timeoutSeconds": 60}});
+    bed.manifests()
+        .write("sticky.yaml", &[svc, endpoint_slice(NAMESPACE, "sticky", "s1", &endpoints, &ports)])?;
+    let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.ip()).collect();
+    let row = bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &ips)?;
+    ensure!(row.flags.iter().any(|f| f == "SessionAffinity"), "lb list shows the affinity: {row:?}");
+    bed.wait_attached()?;
+    let first = bed.wait_tcp(&client, SocketAddrV4::new(vip, 80))?;
+    for _ in 0..30 {
+        let name = weir_tests::clients::tcp_request(&client, SocketAddrV4::new(vip, 80), DEFAULT_TIMEOUT)?;
+        ensure!(name == first, "affinity broken: {name} after {first}");
+    }
     Ok(())
 }
