@@ -6,8 +6,8 @@ use aya::maps::{HashMap, MapData};
 use serde::Serialize;
 use weir_abi::{
     lb::{
-        BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_CLUSTER_IP, Service, ServiceKey,
-        SlotKey,
+        BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
+        Service, ServiceKey, SlotKey,
     },
     map_name, proto,
 };
@@ -39,6 +39,8 @@ struct ServiceRow {
     service_id: u32,
     frontend: Frontend,
     flags: Vec<&'static str>,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    affinity_timeout_seconds: Option<u32>,
     backends: Vec<BackendRow>,
 }
 
@@ -80,10 +82,15 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
         if svc.flags & SVC_FLAG_CLUSTER_IP != 0 {
             flags.push("ClusterIP");
         }
+        let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
+        if affinity {
+            flags.push("SessionAffinity");
+        }
         rows.push(ServiceRow {
             service_id: svc.service_id,
             frontend: Frontend { address: ep.address, port: ep.port, protocol: proto::name(key.proto) },
             flags,
+            affinity_timeout_seconds: affinity.then_some(svc.affinity_timeout),
             backends,
         });
     }

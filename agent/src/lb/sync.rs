@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tracing::warn;
 use weir_abi::lb::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_CLUSTER_IP, Service, ServiceKey,
-    SlotKey,
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
+    Service, ServiceKey, SlotKey,
 };
 
 use super::{
@@ -56,10 +56,9 @@ pub struct SyncReport {
 #[derive(Debug, Clone)]
 struct ServiceEntry {
     service_id: u32,
-    flags: u16,
-    /// The services-map value's `count` as written; `None` while only slots
-    /// have been written (a new frontend, or one whose write failed).
-    written_count: Option<u16>,
+    /// The services-map value as written; `None` while only slots have been
+    /// written (a new frontend, or one whose write failed).
+    written: Option<Service>,
     /// Backend id per slot as written (index 0 = slot 1). Zero marks a slot
     /// found missing when adopting the maps.
     slots: Vec<u32>,
@@ -73,6 +72,8 @@ pub struct LbState {
     orphan_slots: Vec<SlotKey>,
     backends: HashMap<u32, Backend>,
     backend_ids: HashMap<BackendAddr, u32>,
+    /// Every service id in use, for allocation in constant time.
+    service_ids: HashSet<u32>,
     next_service_id: u32,
     next_backend_id: u32,
 }
@@ -100,13 +101,13 @@ impl LbState {
         let mut by_id: HashMap<u32, ServiceKey> = HashMap::new();
         for (key, svc) in services {
             by_id.insert(svc.service_id, key);
+            state.service_ids.insert(svc.service_id);
             state.next_service_id = state.next_service_id.max(svc.service_id);
             state.services.insert(
                 key,
                 ServiceEntry {
                     service_id: svc.service_id,
-                    flags: svc.flags,
-                    written_count: Some(svc.count),
+                    written: Some(svc),
                     slots: vec![0; usize::from(svc.count)],
                 },
             );
@@ -139,10 +140,9 @@ impl LbState {
     }
 
     fn alloc_service_id(&mut self) -> u32 {
-        let used: HashSet<u32> = self.services.values().map(|e| e.service_id).collect();
         loop {
             self.next_service_id = self.next_service_id.checked_add(1).unwrap_or(1);
-            if !used.contains(&self.next_service_id) {
+            if self.service_ids.insert(self.next_service_id) {
                 return self.next_service_id;
             }
         }
@@ -247,15 +247,7 @@ impl LbState {
         let key = key_of(frontend);
         if !self.services.contains_key(&key) {
             let service_id = self.alloc_service_id();
-            self.services.insert(
-                key,
-                ServiceEntry {
-                    service_id,
-                    flags: SVC_FLAG_CLUSTER_IP,
-                    written_count: None,
-                    slots: Vec::new(),
-                },
-            );
+            self.services.insert(key, ServiceEntry { service_id, written: None, slots: Vec::new() });
         }
         let mut want = Vec::with_capacity(backends.len());
         for addr in backends {
@@ -284,12 +276,21 @@ impl LbState {
             }
         }
         // 2. Then the count, which publishes the new slots or retires the tail.
-        if entry.written_count != Some(count) || entry.flags != SVC_FLAG_CLUSTER_IP {
-            let value = Service { service_id: entry.service_id, count, flags: SVC_FLAG_CLUSTER_IP };
+        let (affinity_flag, affinity_timeout) = match spec.affinity_timeout {
+            Some(timeout) => (SVC_FLAG_AFFINITY, timeout),
+            None => (0, 0),
+        };
+        let value = Service {
+            service_id: entry.service_id,
+            count,
+            flags: SVC_FLAG_CLUSTER_IP | affinity_flag,
+            affinity_timeout,
+            _pad: 0,
+        };
+        if entry.written != Some(value) {
             maps.put_service(&key, &value)?;
             report.writes += 1;
-            entry.written_count = Some(count);
-            entry.flags = SVC_FLAG_CLUSTER_IP;
+            entry.written = Some(value);
         }
         // 3. Then the slots beyond the count, which nothing reads any more.
         while entry.slots.len() > target.len() {
@@ -310,10 +311,10 @@ impl LbState {
         let Some(entry) = self.services.get_mut(key) else {
             return Ok(());
         };
-        if entry.written_count.is_some() {
+        if entry.written.is_some() {
             maps.delete_service(key)?;
             report.deletes += 1;
-            entry.written_count = None;
+            entry.written = None;
         }
         while let Some(_) = entry.slots.last() {
             let slot = entry.slots.len() as u32;
@@ -321,7 +322,9 @@ impl LbState {
             report.deletes += 1;
             entry.slots.pop();
         }
-        self.services.remove(key);
+        if let Some(entry) = self.services.remove(key) {
+            self.service_ids.remove(&entry.service_id);
+        }
         Ok(())
     }
 }
@@ -461,7 +464,10 @@ mod tests {
         entries
             .iter()
             .map(|(f, b)| {
-                (*f, FrontendSpec { service: "default/svc".into(), backends: b.clone(), terminating: false })
+                (
+                    *f,
+                    FrontendSpec { service: "default/svc".into(), backends: b.clone(), ..Default::default() },
+                )
             })
             .collect()
     }

@@ -23,6 +23,23 @@ pub struct FrontendSpec {
     /// No endpoint is ready and these backends are serving but terminating
     /// (KEP-1669's fallback): they are marked terminating in the maps.
     pub terminating: bool,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its backend.
+    pub affinity_timeout: Option<u32>,
+}
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 h).
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+fn affinity_timeout(svc: &Service) -> Option<u32> {
+    let spec = svc.spec.as_ref()?;
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let configured =
+        spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref()?.timeout_seconds);
+    Some(
+        configured.and_then(|t| u32::try_from(t).ok()).filter(|t| *t > 0).unwrap_or(DEFAULT_AFFINITY_TIMEOUT),
+    )
 }
 
 /// Every frontend the maps should hold.
@@ -157,6 +174,7 @@ pub fn desired_frontends_on(services: &[Service], slices: &[EndpointSlice], node
                         service: format!("{namespace}/{name}"),
                         backends: backends.clone(),
                         terminating,
+                        affinity_timeout: affinity_timeout(svc),
                     },
                 );
             }

@@ -22,6 +22,9 @@ impl ServiceKey {
 
 /// The frontend is a ClusterIP.
 pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+/// `sessionAffinity: ClientIP`: a client keeps its backend for
+/// `affinity_timeout` seconds after its last new connection.
+pub const SVC_FLAG_AFFINITY: u16 = 1 << 1;
 
 /// Value of the services map.
 #[repr(C)]
@@ -34,8 +37,33 @@ pub struct Service {
     pub count: u16,
     /// `SVC_FLAG_*`.
     pub flags: u16,
+    /// Seconds, with `SVC_FLAG_AFFINITY`.
+    pub affinity_timeout: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Service>() == 8);
+const _: () = assert!(core::mem::size_of::<Service>() == 16);
+
+/// Key of the session-affinity map: which backend a client has for a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub client_be: u32,
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityEntry {
+    pub backend_id: u32,
+    /// The slot the backend had; the datapath checks the slot still holds
+    /// it, which proves in one lookup that it is still in the service.
+    pub slot: u32,
+    /// CLOCK_MONOTONIC seconds of the last new connection.
+    pub last_used: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
 
 /// Key of the slot map: the `slot`-th backend of a service (1-based).
 #[repr(C)]
@@ -69,4 +97,6 @@ mod pod {
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::SlotKey {}
     unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityEntry {}
 }

@@ -42,7 +42,7 @@ pub mod proto {
 /// bpffs root, so the CLI finds them there with the agent down.
 pub mod map_name {
     /// [`crate::lb::ServiceKey`] → [`crate::lb::Service`].
-    pub const SERVICES: &str = "LB4_SERVICES_V1";
+    pub const SERVICES: &str = "LB4_SERVICES_V2";
     /// [`crate::lb::SlotKey`] → backend id (`u32`).
     pub const SLOTS: &str = "LB4_SLOTS_V1";
     /// backend id (`u32`) → [`crate::lb::Backend`].
@@ -61,10 +61,12 @@ pub mod map_name {
     pub const POLICY: &str = "POLICY_V1";
     /// Per-CPU hash: [`crate::policy::EndpointMetricKey`] → [`crate::metrics::Counter`].
     pub const ENDPOINT_METRICS: &str = "EP_METRICS_V1";
+    /// LRU: [`crate::lb::AffinityKey`] → [`crate::lb::AffinityEntry`].
+    pub const AFFINITY: &str = "LB4_AFFINITY_V1";
     /// Ring buffer of [`crate::events::FlowEvent`].
     pub const EVENTS: &str = "EVENTS_V1";
 
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -76,6 +78,7 @@ pub mod map_name {
         POLICY,
         ENDPOINT_METRICS,
         EVENTS,
+        AFFINITY,
     ];
 }
 
@@ -87,6 +90,8 @@ pub mod capacity {
     pub const SLOTS: u32 = 262_144;
     /// Distinct backends (ip:port/proto).
     pub const BACKENDS: u32 = 65_536;
+    /// Session-affinity entries (client, service); Cilium's default is 64k.
+    pub const AFFINITY: u32 = 65_536;
     /// Conntrack entries; each service connection takes two.
     pub const CONNTRACK: u32 = 262_144;
     /// One counter per reason code.

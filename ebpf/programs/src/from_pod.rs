@@ -147,7 +147,7 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
     let service = if pkt.can_nat { lb::lookup_service(pkt.daddr_be, pkt.dport_be, pkt.proto) } else { None };
     let (target_be, target_port_be, backend) = match &service {
         Some(service) => {
-            let (backend_id, backend) = lb::select_backend(service)?;
+            let (backend_id, backend) = lb::select_backend(service, pkt.saddr_be, now)?;
             (backend.address_be, backend.port_be, Some((service.service_id, backend_id)))
         }
         None => {

@@ -2,11 +2,11 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use weir_abi::{
-    lb::{Backend, Service, ServiceKey, SlotKey},
+    lb::{AffinityEntry, AffinityKey, Backend, SVC_FLAG_AFFINITY, Service, ServiceKey, SlotKey},
     metrics::DROP_NO_SERVICE,
 };
 
-use crate::maps::{BACKENDS, SERVICES, SLOTS};
+use crate::maps::{AFFINITY, BACKENDS, SERVICES, SLOTS};
 
 #[inline(always)]
 pub fn lookup_service(address_be: u32, port_be: u16, proto: u8) -> Option<Service> {
@@ -15,19 +15,49 @@ pub fn lookup_service(address_be: u32, port_be: u16, proto: u8) -> Option<Servic
     SERVICES.get_ptr(&key).map(|svc| unsafe { *svc })
 }
 
-/// Picks a backend at random among the service's slots (Cilium's
-/// `lb4_select_backend_id_random`). Returns the backend id and its address.
+/// The backend a client's affinity names, if it is fresh and the backend
+/// still holds its slot (so it is still in the service).
 #[inline(always)]
-pub fn select_backend(svc: &Service) -> Result<(u32, Backend), u32> {
+fn affine_slot(svc: &Service, client_be: u32, now: u32) -> Option<u32> {
+    let key = AffinityKey { client_be, service_id: svc.service_id };
+    // SAFETY: copied out at once.
+    let entry = AFFINITY.get_ptr(&key).map(|e| unsafe { *e })?;
+    if now.wrapping_sub(entry.last_used) > svc.affinity_timeout || entry.slot > u32::from(svc.count) {
+        return None;
+    }
+    let slot_key = SlotKey { service_id: svc.service_id, slot: entry.slot };
+    // SAFETY: copied out at once.
+    let holder = SLOTS.get_ptr(&slot_key).map(|id| unsafe { *id })?;
+    (holder == entry.backend_id).then_some(entry.slot)
+}
+
+/// Picks a backend for a new connection: the client's affine backend under
+/// `sessionAffinity: ClientIP`, else one at random among the service's slots
+/// (Cilium's `lb4_select_backend_id_random`). Returns the backend id and its
+/// address.
+#[inline(always)]
+pub fn select_backend(svc: &Service, client_be: u32, now: u32) -> Result<(u32, Backend), u32> {
     if svc.count == 0 {
         return Err(DROP_NO_SERVICE);
     }
-    // SAFETY: a helper without arguments.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let slot = random % u32::from(svc.count) + 1;
+    let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
+    let slot = match affinity.then(|| affine_slot(svc, client_be, now)).flatten() {
+        Some(slot) => slot,
+        None => {
+            // SAFETY: a helper without arguments.
+            let random = unsafe { bpf_get_prandom_u32() };
+            random % u32::from(svc.count) + 1
+        }
+    };
     let slot_key = SlotKey { service_id: svc.service_id, slot };
     // SAFETY: values are copied out at once.
     let backend_id = SLOTS.get_ptr(&slot_key).map(|id| unsafe { *id }).ok_or(DROP_NO_SERVICE)?;
     let backend = BACKENDS.get_ptr(&backend_id).map(|be| unsafe { *be }).ok_or(DROP_NO_SERVICE)?;
+    if affinity {
+        let key = AffinityKey { client_be, service_id: svc.service_id };
+        let entry = AffinityEntry { backend_id, slot, last_used: now, _pad: 0 };
+        // Losing an affinity entry to a full LRU only costs stickiness.
+        let _ = AFFINITY.insert(&key, &entry, 0);
+    }
     Ok((backend_id, backend))
 }

@@ -9,12 +9,12 @@ use weir_abi::{
     capacity,
     config::Config,
     ct::{CtEntry, CtKey},
-    lb::{Backend, Service, ServiceKey, SlotKey},
+    lb::{AffinityEntry, AffinityKey, Backend, Service, ServiceKey, SlotKey},
     metrics::Counter,
     policy::{EndpointInfo, EndpointMetricKey, IpcacheEntry, IpcacheKey, PolicyEntry, PolicyKey},
 };
 
-#[map(name = "LB4_SERVICES_V1")]
+#[map(name = "LB4_SERVICES_V2")]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(capacity::SERVICES, 0);
 
 #[map(name = "LB4_SLOTS_V1")]
@@ -22,6 +22,9 @@ pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(capacity::SLOTS, 0);
 
 #[map(name = "LB4_BACKENDS_V1")]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
+
+#[map(name = "LB4_AFFINITY_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> = LruHashMap::pinned(capacity::AFFINITY, 0);
 
 #[map(name = "CT4_V1")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
