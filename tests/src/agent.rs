@@ -33,14 +33,14 @@ pub struct AgentOptions {
     pub prefix: String,
     /// Extra command-line arguments, e.g. `["--map-size-services", "65536"]`.
     pub extra_args: Vec<String>,
+    /// The `--source` argument (e.g. `kube`, with `--kubeconfig` in
+    /// `extra_args`); `None` means `dir:<the manifest directory>`.
+    pub source: Option<String>,
 }
 
 impl Default for AgentOptions {
     fn default() -> AgentOptions {
-        AgentOptions {
-            prefix: names::TEST_PREFIX.to_owned(),
-            extra_args: Vec::new(),
-        }
+        AgentOptions { prefix: names::TEST_PREFIX.to_owned(), extra_args: Vec::new(), source: None }
     }
 }
 
@@ -64,18 +64,14 @@ impl Agent {
     }
 
     /// Starts `weir-agent` with extra options.
-    pub fn start_with(
-        node: &Node,
-        manifests: &ManifestDir,
-        options: AgentOptions,
-    ) -> Result<Agent> {
+    pub fn start_with(node: &Node, manifests: &ManifestDir, options: AgentOptions) -> Result<Agent> {
         let bin = binary("WEIR_AGENT_BIN", "weir-agent")?;
         let bpffs_root = Path::new(BPFFS).join(names::unique(&options.prefix));
         let log_dir = TempDir::new(&format!("{}log-", options.prefix))?;
         let log_path = log_dir.path().join("agent.log");
         let mut args = vec![
             "--source".to_owned(),
-            format!("dir:{}", manifests.path().display()),
+            options.source.clone().unwrap_or_else(|| format!("dir:{}", manifests.path().display())),
             "--node-name".to_owned(),
             node.name().to_owned(),
             "--netns".to_owned(),
@@ -84,14 +80,7 @@ impl Agent {
             bpffs_root.display().to_string(),
         ];
         args.extend(options.extra_args);
-        let mut agent = Agent {
-            bin,
-            args,
-            bpffs_root,
-            log_path,
-            child: None,
-            _log_dir: log_dir,
-        };
+        let mut agent = Agent { bin, args, bpffs_root, log_path, child: None, _log_dir: log_dir };
         agent.spawn()?;
         Ok(agent)
     }
@@ -134,6 +123,29 @@ impl Agent {
         Ok(found.unwrap_or_default())
     }
 
+    /// The ids of the bpf links pinned under this agent's bpffs root (the
+    /// tcx links that keep its programs attached while it is down), from
+    /// `bpftool -j -f link show`, which resolves pin paths.
+    ///
+    /// A link exists in the kernel (and the program runs) a moment before
+    /// the agent pins it; killing the agent in between detaches it. Tests
+    /// that kill the agent first wait for every pod's link to be pinned.
+    pub fn pinned_links(&self) -> Result<Vec<u32>> {
+        #[derive(serde::Deserialize)]
+        struct Link {
+            id: u32,
+            #[serde(default)]
+            pinned: Vec<PathBuf>,
+        }
+        let json = crate::cmd::run("bpftool", &["-j", "-f", "link", "show"])?;
+        let links: Vec<Link> = serde_json::from_str(&json).context("parsing `bpftool -j -f link show`")?;
+        Ok(links
+            .into_iter()
+            .filter(|l| l.pinned.iter().any(|p| p.starts_with(&self.bpffs_root)))
+            .map(|l| l.id)
+            .collect())
+    }
+
     /// Fails (with the log) if the agent process has exited.
     pub fn ensure_running(&mut self) -> Result<()> {
         let Some(child) = self.child.as_mut() else {
@@ -170,12 +182,7 @@ impl Agent {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("cannot open {}", self.log_path.display()))?;
-        writeln!(
-            log,
-            "=== weir-tests: starting {} {}",
-            self.bin.display(),
-            self.args.join(" ")
-        )?;
+        writeln!(log, "=== weir-tests: starting {} {}", self.bin.display(), self.args.join(" "))?;
         let stderr: File = log.try_clone()?;
         let child = Command::new(&self.bin)
             .args(&self.args)
@@ -195,21 +202,18 @@ impl Drop for Agent {
         if let Err(e) = self.kill() {
             eprintln!("weir-tests: {e:#}");
         }
-        if std::thread::panicking() {
-            // The log is the first thing one wants when a test fails.
-            eprintln!(
-                "----- weir-agent log ({}) -----\n{}\n----- end of weir-agent log -----",
-                self.log_path.display(),
-                tail(&self.log(), 200)
-            );
-        }
+        // The log is the first thing one wants when a test fails. libtest
+        // only shows a test's stderr when it fails (or with --nocapture),
+        // and a test returning `Err` is not panicking here, so always print.
+        eprintln!(
+            "----- weir-agent log ({}) -----\n{}\n----- end of weir-agent log -----",
+            self.log_path.display(),
+            tail(&self.log(), 200)
+        );
         match std::fs::remove_dir_all(&self.bpffs_root) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => eprintln!(
-                "weir-tests: cannot remove {}: {e}",
-                self.bpffs_root.display()
-            ),
+            Err(e) => eprintln!("weir-tests: cannot remove {}: {e}", self.bpffs_root.display()),
         }
     }
 }
@@ -269,9 +273,6 @@ mod tests {
 
     #[test]
     fn strips_colours() {
-        assert_eq!(
-            strip_ansi("\u{1b}[33m WARN\u{1b}[0m \u{1b}[2mfile\u{1b}[0m=a.yaml"),
-            " WARN file=a.yaml"
-        );
+        assert_eq!(strip_ansi("\u{1b}[33m WARN\u{1b}[0m \u{1b}[2mfile\u{1b}[0m=a.yaml"), " WARN file=a.yaml");
     }
 }

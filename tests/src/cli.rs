@@ -106,10 +106,7 @@ pub struct Cli {
 impl Cli {
     /// Uses `$WEIR_CLI_BIN`, else `target/<profile>/weir` next to the tests.
     pub fn new(bpffs_root: &Path) -> Result<Cli> {
-        Ok(Cli {
-            bin: binary("WEIR_CLI_BIN", "weir")?,
-            bpffs_root: bpffs_root.to_owned(),
-        })
+        Ok(Cli { bin: binary("WEIR_CLI_BIN", "weir")?, bpffs_root: bpffs_root.to_owned() })
     }
 
     /// Runs `weir <args> --bpffs-root <root>` and returns its raw output,
@@ -160,25 +157,13 @@ impl Cli {
     /// Packets counted under metric `code` (0 when the counter is absent,
     /// since the CLI lists non-zero counters only).
     pub fn metric_packets(&self, code: u32) -> Result<u64> {
-        Ok(self
-            .metrics()?
-            .iter()
-            .filter(|m| m.code == code)
-            .map(|m| m.packets)
-            .sum())
+        Ok(self.metrics()?.iter().filter(|m| m.code == code).map(|m| m.packets).sum())
     }
 
     /// The `lb list` row for one frontend, if present.
-    pub fn service(
-        &self,
-        address: Ipv4Addr,
-        port: u16,
-        protocol: &str,
-    ) -> Result<Option<LbService>> {
+    pub fn service(&self, address: Ipv4Addr, port: u16, protocol: &str) -> Result<Option<LbService>> {
         Ok(self.lb_list()?.into_iter().find(|s| {
-            s.frontend.address == address
-                && s.frontend.port == port
-                && s.frontend.protocol == protocol
+            s.frontend.address == address && s.frontend.port == port && s.frontend.protocol == protocol
         }))
     }
 
@@ -211,24 +196,17 @@ impl Cli {
 
     /// Waits until no frontend has `address` any more.
     pub fn wait_for_no_frontend(&self, timeout: Duration, address: Ipv4Addr) -> Result<()> {
-        wait_until(
-            timeout,
-            &format!("{address} to leave `weir lb list`"),
-            || {
-                Ok(!self
-                    .lb_list()?
-                    .iter()
-                    .any(|s| s.frontend.address == address))
-            },
-        )
+        wait_until(timeout, &format!("{address} to leave `weir lb list`"), || {
+            Ok(!self.lb_list()?.iter().any(|s| s.frontend.address == address))
+        })
     }
 }
 
-/// Polls `condition` every 100 ms until it returns `Ok(Some(value))`, and
-/// returns the value; fails after `timeout` with `what` and the last error the
-/// condition returned (errors count as "not yet": the agent may not have
-/// created its pins yet).
-pub fn wait_for<T>(
+/// Like [`wait_for`], polling every `interval` instead of every 100 ms: for
+/// conditions that are expensive to evaluate (a `weir lb list` of 10,000
+/// rows), so that polling does not steal the CPU the agent needs.
+pub fn wait_for_every<T>(
+    interval: Duration,
     timeout: Duration,
     what: &str,
     mut condition: impl FnMut() -> Result<Option<T>>,
@@ -247,16 +225,20 @@ pub fn wait_for<T>(
                 None => anyhow::anyhow!("timed out after {timeout:?} waiting for {what}"),
             });
         }
-        std::thread::sleep(POLL_INTERVAL);
+        std::thread::sleep(interval);
     }
 }
 
+/// Polls `condition` every 100 ms until it returns `Ok(Some(value))`, and
+/// returns the value; fails after `timeout` with `what` and the last error the
+/// condition returned (errors count as "not yet": the agent may not have
+/// created its pins yet).
+pub fn wait_for<T>(timeout: Duration, what: &str, condition: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    wait_for_every(POLL_INTERVAL, timeout, what, condition)
+}
+
 /// Polls `condition` every 100 ms until it returns `Ok(true)`; see [`wait_for`].
-pub fn wait_until(
-    timeout: Duration,
-    what: &str,
-    mut condition: impl FnMut() -> Result<bool>,
-) -> Result<()> {
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> Result<bool>) -> Result<()> {
     wait_for(timeout, what, || Ok(condition()?.then_some(())))
 }
 
@@ -280,23 +262,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ct[0].nat.port, 8080);
-        let m: Vec<Metric> =
-            serde_json::from_str(r#"[{"code":158,"reason":"Service backend not found","drop":true,"packets":2,"bytes":120}]"#)
-                .unwrap();
+        let m: Vec<Metric> = serde_json::from_str(
+            r#"[{"code":158,"reason":"Service backend not found","drop":true,"packets":2,"bytes":120}]"#,
+        )
+        .unwrap();
         assert_eq!(m[0].code, codes::NO_BACKEND);
     }
 
     #[test]
     fn wait_for_times_out_with_the_last_error() {
-        let err = wait_for::<()>(Duration::from_millis(250), "nothing", || {
-            anyhow::bail!("still broken")
-        })
-        .unwrap_err();
+        let err = wait_for::<()>(Duration::from_millis(250), "nothing", || anyhow::bail!("still broken"))
+            .unwrap_err();
         let text = format!("{err:#}");
-        assert!(
-            text.contains("timed out") && text.contains("still broken"),
-            "{text}"
-        );
+        assert!(text.contains("timed out") && text.contains("still broken"), "{text}");
         let mut n = 0;
         assert_eq!(
             wait_for(Duration::from_secs(2), "third try", || {

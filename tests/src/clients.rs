@@ -37,11 +37,7 @@ impl TcpConn {
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
-        Ok(TcpConn {
-            stream,
-            timeout,
-            pending: Vec::new(),
-        })
+        Ok(TcpConn { stream, timeout, pending: Vec::new() })
     }
 
     /// Sends one line and returns the answering pod's name (a
@@ -90,8 +86,7 @@ impl TcpConn {
 /// answer, close. Returns the answering pod's name.
 pub fn tcp_request(pod: &Pod, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
     let mut conn = TcpConn::connect(pod, addr, timeout)?;
-    conn.exchange()
-        .with_context(|| format!("pod {}: request to {addr}", pod.name()))
+    conn.exchange().with_context(|| format!("pod {}: request to {addr}", pod.name()))
 }
 
 /// The answer to a UDP request, with the address it came from.
@@ -113,20 +108,12 @@ pub fn udp_request(pod: &Pod, addr: SocketAddrV4, timeout: Duration) -> Result<U
         .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
         .with_context(|| format!("pod {}: UDP bind", pod.name()))?;
     socket.set_read_timeout(Some(timeout))?;
-    socket
-        .send_to(b"ping\n", addr)
-        .with_context(|| format!("pod {}: UDP send to {addr}", pod.name()))?;
+    socket.send_to(b"ping\n", addr).with_context(|| format!("pod {}: UDP send to {addr}", pod.name()))?;
     let mut buf = [0u8; 2048];
-    let (n, from) = socket.recv_from(&mut buf).with_context(|| {
-        format!(
-            "pod {}: no UDP answer from {addr} within {timeout:?}",
-            pod.name()
-        )
-    })?;
-    Ok(UdpReply {
-        name: String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
-        from,
-    })
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("pod {}: no UDP answer from {addr} within {timeout:?}", pod.name()))?;
+    Ok(UdpReply { name: String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from })
 }
 
 /// `GET /` over HTTP/1.0 from `pod` to `addr`; returns the body (the
@@ -141,9 +128,8 @@ pub fn http_get(pod: &Pod, addr: SocketAddrV4, timeout: Duration) -> Result<Stri
     stream
         .read_to_string(&mut response)
         .with_context(|| format!("pod {}: HTTP response from {addr}", pod.name()))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("malformed HTTP response: {response:?}"))?;
+    let (head, body) =
+        response.split_once("\r\n\r\n").with_context(|| format!("malformed HTTP response: {response:?}"))?;
     if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
         bail!("HTTP error from {addr}: {head}");
     }

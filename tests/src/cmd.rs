@@ -11,10 +11,8 @@ use anyhow::{Context, Result, bail};
 /// Runs `program args...`, waits for it, and returns its stdout. A non-zero
 /// exit is an error carrying the full command line and its stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
+    let output =
+        Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
     if !output.status.success() {
         bail!(
             "`{program} {}` failed ({}): {}",

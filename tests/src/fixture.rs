@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -16,7 +16,6 @@ use crate::agent::{Agent, AgentOptions};
 use crate::cli::{Cli, wait_for};
 use crate::clients::{self, UdpReply};
 use crate::manifests::{self, ManifestDir};
-use crate::names;
 use crate::topology::{Node, Pod};
 
 /// The Kubernetes namespace test objects live in.
@@ -25,6 +24,10 @@ pub const NAMESPACE: &str = "default";
 /// How long tests wait for the agent to program something (the contract says
 /// 500 ms after a file change; attaching to a new pod retries every second).
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the set of pinned links must stay unchanged for the agent to be
+/// considered done attaching (its attach retry runs every second).
+pub const SETTLE: Duration = Duration::from_millis(1200);
 
 /// Per-attempt timeout while polling for a service to become reachable.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -37,6 +40,8 @@ pub struct TestBed {
     manifests: ManifestDir,
     node: Node,
     next_host: Cell<u8>,
+    pods: Cell<usize>,
+    attached_pods: Cell<usize>,
 }
 
 impl TestBed {
@@ -60,6 +65,8 @@ impl TestBed {
             manifests,
             node,
             next_host: Cell::new(10),
+            pods: Cell::new(0),
+            attached_pods: Cell::new(0),
         })
     }
 
@@ -89,9 +96,9 @@ impl TestBed {
     /// agent treats it as local and attaches to its interface.
     pub fn add_pod(&self, name: &str) -> Result<Pod> {
         let host = self.next_host.get();
-        self.next_host
-            .set(host.checked_add(1).context("out of pod addresses")?);
+        self.next_host.set(host.checked_add(1).context("out of pod addresses")?);
         let pod = self.node.add_pod(name, Ipv4Addr::new(10, 244, 0, host))?;
+        self.pods.set(self.pods.get() + 1);
         self.manifests.write(
             &format!("pod-{name}.yaml"),
             &[manifests::pod(NAMESPACE, name, self.node.name(), pod.ip())],
@@ -99,35 +106,101 @@ impl TestBed {
         Ok(pod)
     }
 
-    /// Polls a TCP request from `client` to `addr` until one is answered
+    /// Waits until at least `links` links are pinned under the agent's bpffs
+    /// root (see [`Agent::pinned_links`]), for callers that know how many
+    /// hooks the agent uses per pod; [`TestBed::wait_attached`] does not
+    /// need to know.
+    pub fn wait_for_pinned_links(&mut self, links: usize) -> Result<()> {
+        let agent = &mut self.agent;
+        wait_for(AGENT_TIMEOUT, &format!("{links} pinned links under the bpffs root"), || {
+            agent.ensure_running()?;
+            Ok((agent.pinned_links()?.len() >= links).then_some(()))
+        })
+    }
+
+    /// Waits until the agent has attached to every pod created with
+    /// [`TestBed::add_pod`]: at least as many pinned links under the bpffs
+    /// root as pods (see [`Agent::pinned_links`]), and no change to the set
+    /// of pinned links for [`SETTLE`] (longer than the agent's 1 s attach
+    /// retry), since the number of hooks per pod is the agent's business.
+    ///
+    /// Why wait at all: traffic through a service needs the programs on the
+    /// client's *and* the backend's interface (replies are translated where
+    /// the backend sends them), so one answered request does not prove every
+    /// backend is ready; and a link exists (the datapath works) a moment
+    /// before the agent pins it, so a SIGKILL before that detaches it.
+    pub fn wait_attached(&mut self) -> Result<()> {
+        let pods = self.pods.get();
+        if self.attached_pods.get() == pods {
+            return Ok(());
+        }
+        let agent = &mut self.agent;
+        let mut seen: Option<(Vec<u32>, Instant)> = None;
+        wait_for(AGENT_TIMEOUT, &format!("pinned links for {pods} pods to settle"), || {
+            agent.ensure_running()?;
+            let mut ids = agent.pinned_links()?;
+            ids.sort_unstable();
+            if ids.len() < pods {
+                seen = None;
+                return Ok(None);
+            }
+            match &seen {
+                Some((previous, since)) if *previous == ids => Ok((since.elapsed() >= SETTLE).then_some(())),
+                _ => {
+                    seen = Some((ids, Instant::now()));
+                    Ok(None)
+                }
+            }
+        })?;
+        self.attached_pods.set(pods);
+        Ok(())
+    }
+
+    /// Waits for all pods to be attached (see [`TestBed::wait_attached`]),
+    /// then polls a TCP request from `client` to `addr` until one is answered
     /// (the agent may still be attaching), and returns the answering pod.
     pub fn wait_tcp(&mut self, client: &Pod, addr: SocketAddrV4) -> Result<String> {
+        self.wait_attached()?;
         let agent = &mut self.agent;
-        wait_for(
-            AGENT_TIMEOUT,
-            &format!("a TCP answer from {addr} to {}", client.name()),
-            || {
-                agent.ensure_running()?;
-                clients::tcp_request(client, addr, ATTEMPT_TIMEOUT).map(Some)
-            },
-        )
+        wait_for(AGENT_TIMEOUT, &format!("a TCP answer from {addr} to {}", client.name()), || {
+            agent.ensure_running()?;
+            clients::tcp_request(client, addr, ATTEMPT_TIMEOUT).map(Some)
+        })
     }
 
-    /// Polls a UDP request from `client` to `addr` until one is answered.
+    /// Waits for all pods to be attached, then polls a UDP request from
+    /// `client` to `addr` until one is answered.
     pub fn wait_udp(&mut self, client: &Pod, addr: SocketAddrV4) -> Result<UdpReply> {
+        self.wait_attached()?;
         let agent = &mut self.agent;
-        wait_for(
-            AGENT_TIMEOUT,
-            &format!("a UDP answer from {addr} to {}", client.name()),
-            || {
-                agent.ensure_running()?;
-                clients::udp_request(client, addr, ATTEMPT_TIMEOUT).map(Some)
-            },
-        )
+        wait_for(AGENT_TIMEOUT, &format!("a UDP answer from {addr} to {}", client.name()), || {
+            agent.ensure_running()?;
+            clients::udp_request(client, addr, ATTEMPT_TIMEOUT).map(Some)
+        })
     }
 }
 
-/// A unique name for a test's temporary objects, with the test prefix.
-pub fn unique_name() -> String {
-    names::unique(names::TEST_PREFIX)
+impl Drop for TestBed {
+    /// Prints what the datapath holds (the CLI reads the pins, so this works
+    /// whether or not the agent runs) before the agent guard removes them:
+    /// shown by libtest only when the test fails.
+    fn drop(&mut self) {
+        for args in [["lb", "list"], ["ct", "list"], ["metrics", "list"]] {
+            let text = match self.cli.output(&args) {
+                Ok(out) => format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                Err(e) => format!("{e:#}"),
+            };
+            let lines: Vec<&str> = text.lines().collect();
+            let shown = lines.len().min(DUMP_LINES);
+            eprintln!("----- weir {} ({} lines) -----", args.join(" "), lines.len());
+            eprintln!("{}", lines[..shown].join("\n"));
+        }
+    }
 }
+
+/// At most this many lines of each `weir ... list` in the failure dump.
+const DUMP_LINES: usize = 60;

@@ -20,6 +20,7 @@
 //! - [`fixture`]: a ready-made node + manifest dir + agent for tests.
 
 pub mod agent;
+pub mod apiserver;
 pub mod cli;
 pub mod clients;
 pub mod cmd;
@@ -27,6 +28,7 @@ pub mod fixture;
 pub mod manifests;
 pub mod names;
 pub mod netns;
+pub mod netpol_model;
 pub mod servers;
 pub mod tempdir;
 pub mod topology;

@@ -46,21 +46,11 @@ pub struct ServicePort {
 
 impl ServicePort {
     pub fn tcp(name: &str, port: u16, target_port: u16) -> ServicePort {
-        ServicePort {
-            name: name.to_owned(),
-            port,
-            target_port,
-            protocol: Protocol::Tcp,
-        }
+        ServicePort { name: name.to_owned(), port, target_port, protocol: Protocol::Tcp }
     }
 
     pub fn udp(name: &str, port: u16, target_port: u16) -> ServicePort {
-        ServicePort {
-            name: name.to_owned(),
-            port,
-            target_port,
-            protocol: Protocol::Udp,
-        }
+        ServicePort { name: name.to_owned(), port, target_port, protocol: Protocol::Udp }
     }
 }
 
@@ -77,20 +67,12 @@ pub struct Endpoint {
 impl Endpoint {
     /// A ready endpoint.
     pub fn ready(ip: Ipv4Addr) -> Endpoint {
-        Endpoint {
-            ip,
-            ready: true,
-            pod_name: None,
-            node_name: None,
-        }
+        Endpoint { ip, ready: true, pod_name: None, node_name: None }
     }
 
     /// An endpoint with `conditions.ready: false` (not a backend).
     pub fn not_ready(ip: Ipv4Addr) -> Endpoint {
-        Endpoint {
-            ready: false,
-            ..Endpoint::ready(ip)
-        }
+        Endpoint { ready: false, ..Endpoint::ready(ip) }
     }
 
     /// A ready endpoint for a pod on a node (fills targetRef and nodeName).
@@ -221,9 +203,7 @@ pub struct ManifestDir {
 impl ManifestDir {
     /// A fresh, empty directory `$TMPDIR/<prefix><pid>-<n>`.
     pub fn new(prefix: &str) -> Result<ManifestDir> {
-        Ok(ManifestDir {
-            dir: TempDir::new(prefix)?,
-        })
+        Ok(ManifestDir { dir: TempDir::new(prefix)? })
     }
 
     pub fn path(&self) -> &Path {

@@ -42,9 +42,7 @@ impl NetNs {
     pub fn create(name: &str) -> Result<NetNs> {
         let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         cmd::ip(&["netns", "add", name])?;
-        Ok(NetNs {
-            name: name.to_owned(),
-        })
+        Ok(NetNs { name: name.to_owned() })
     }
 
     pub fn name(&self) -> &str {

@@ -49,10 +49,7 @@ impl Shared {
     }
 
     fn record_peer(&self, peer: SocketAddr) {
-        self.peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(peer);
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
     }
 
     fn peers(&self) -> Vec<SocketAddr> {
@@ -77,16 +74,11 @@ impl TcpServer {
         listener.set_nonblocking(true)?;
         let shared = Arc::new(Shared::default());
         let name = pod.name().to_owned();
-        let thread = std::thread::Builder::new()
-            .name(format!("tcp:{name}:{port}"))
-            .spawn({
-                let shared = shared.clone();
-                move || accept_loop(listener, mode, &name, &shared)
-            })?;
-        Ok(TcpServer {
-            shared,
-            thread: Some(thread),
-        })
+        let thread = std::thread::Builder::new().name(format!("tcp:{name}:{port}")).spawn({
+            let shared = shared.clone();
+            move || accept_loop(listener, mode, &name, &shared)
+        })?;
+        Ok(TcpServer { shared, thread: Some(thread) })
     }
 
     /// Connections accepted so far.
@@ -146,12 +138,7 @@ fn accept_loop(listener: TcpListener, mode: TcpMode, name: &str, shared: &Arc<Sh
 }
 
 /// Serves one connection until the peer closes it or the server stops.
-fn serve_tcp(
-    mut stream: TcpStream,
-    mode: TcpMode,
-    name: &str,
-    shared: &Shared,
-) -> std::io::Result<()> {
+fn serve_tcp(mut stream: TcpStream, mode: TcpMode, name: &str, shared: &Shared) -> std::io::Result<()> {
     // Accepted sockets do not inherit O_NONBLOCK on Linux, but be explicit:
     // we rely on the read timeout to notice `stop`.
     stream.set_nonblocking(false)?;
@@ -189,9 +176,7 @@ fn serve_tcp(
             }
             TcpMode::Http => {
                 head.extend_from_slice(&buf[..n]);
-                if head.windows(4).any(|w| w == b"\r\n\r\n")
-                    || head.windows(2).any(|w| w == b"\n\n")
-                {
+                if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
                     let body = format!("{name}\n");
                     let reply = format!(
                         "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -223,25 +208,20 @@ impl UdpServer {
         socket.set_read_timeout(Some(POLL))?;
         let shared = Arc::new(Shared::default());
         let name = pod.name().to_owned();
-        let thread = std::thread::Builder::new()
-            .name(format!("udp:{name}:{port}"))
-            .spawn({
-                let shared = shared.clone();
-                move || {
-                    let mut buf = [0u8; 2048];
-                    while !shared.stopping() {
-                        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                            shared.record_peer(peer);
-                            shared.requests.fetch_add(1, Ordering::Relaxed);
-                            let _ = socket.send_to(format!("{name}\n").as_bytes(), peer);
-                        }
+        let thread = std::thread::Builder::new().name(format!("udp:{name}:{port}")).spawn({
+            let shared = shared.clone();
+            move || {
+                let mut buf = [0u8; 2048];
+                while !shared.stopping() {
+                    if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                        shared.record_peer(peer);
+                        shared.requests.fetch_add(1, Ordering::Relaxed);
+                        let _ = socket.send_to(format!("{name}\n").as_bytes(), peer);
                     }
                 }
-            })?;
-        Ok(UdpServer {
-            shared,
-            thread: Some(thread),
-        })
+            }
+        })?;
+        Ok(UdpServer { shared, thread: Some(thread) })
     }
 
     /// Datagrams received (and answered) so far.
@@ -266,11 +246,7 @@ impl Drop for UdpServer {
 
 /// Waits up to `timeout` for `listener` to have a connection to accept.
 fn readable(listener: &TcpListener, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
     // SAFETY: `pfd` is a valid pollfd for the duration of the call and the
     // count (1) matches; `listener` keeps the descriptor open.

@@ -17,8 +17,7 @@ impl TempDir {
     /// Creates `$TMPDIR/<prefix><pid>-<n>`.
     pub fn new(prefix: &str) -> Result<TempDir> {
         let path = std::env::temp_dir().join(crate::names::unique(prefix));
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
+        std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
         Ok(TempDir { path })
     }
 

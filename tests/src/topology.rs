@@ -73,9 +73,8 @@ impl Node {
             node_ns: self.name().to_owned(),
             ns,
         };
-        pod.wire(&self.ns).with_context(|| {
-            format!("cannot wire pod {pod_name} ({ip}) to node {}", self.name())
-        })?;
+        pod.wire(&self.ns)
+            .with_context(|| format!("cannot wire pod {pod_name} ({ip}) to node {}", self.name()))?;
         Ok(pod)
     }
 }
@@ -132,18 +131,7 @@ impl Pod {
         pod.set_sysctl("net.ipv4.conf.default.rp_filter", "0")?;
         pod.ip(&["link", "set", "lo", "up"])?;
 
-        node.ip(&[
-            "link",
-            "add",
-            host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ])?;
+        node.ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.name()])?;
         let host_mac = mac_of(node, host_if)?;
         let pod_mac = mac_of(pod, "eth0")?;
 
@@ -153,33 +141,13 @@ impl Pod {
         pod.set_sysctl("net.ipv4.conf.eth0.rp_filter", "0")?;
         pod.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
         pod.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"])?;
-        pod.ip(&[
-            "neigh",
-            "replace",
-            &gateway,
-            "lladdr",
-            &host_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])?;
+        pod.ip(&["neigh", "replace", &gateway, "lladdr", &host_mac, "dev", "eth0", "nud", "permanent"])?;
 
         // Node side.
         node.ip(&["link", "set", host_if, "up"])?;
         node.set_sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter"), "0")?;
         node.ip(&["route", "add", &format!("{ip}/32"), "dev", host_if])?;
-        node.ip(&[
-            "neigh",
-            "replace",
-            &ip,
-            "lladdr",
-            &pod_mac,
-            "dev",
-            host_if,
-            "nud",
-            "permanent",
-        ])?;
+        node.ip(&["neigh", "replace", &ip, "lladdr", &pod_mac, "dev", host_if, "nud", "permanent"])?;
         Ok(())
     }
 }
@@ -204,9 +172,5 @@ fn mac_of(ns: &NetNs, dev: &str) -> Result<String> {
     let json = ns.ip(&["-j", "link", "show", "dev", dev])?;
     let links: Vec<LinkInfo> =
         serde_json::from_str(&json).with_context(|| format!("parsing `ip -j link show {dev}`"))?;
-    links
-        .into_iter()
-        .next()
-        .map(|l| l.address)
-        .with_context(|| format!("{}: no link {dev}", ns.name()))
+    links.into_iter().next().map(|l| l.address).with_context(|| format!("{}: no link {dev}", ns.name()))
 }
