@@ -169,3 +169,46 @@ fn session_affinity_keeps_a_client_on_one_backend() -> Result<()> {
     }
     Ok(())
 }
+
+/// A new connection to a service with no endpoints, or to an address in the
+/// service range that no service has, is refused at once (ICMP port
+/// unreachable, as kube-proxy's REJECT) instead of hanging until a timeout;
+/// the drop is still counted.
+#[test]
+fn connections_to_services_without_endpoints_are_refused() -> Result<()> {
+    let mut bed = TestBed::new()?;
+    let client = bed.add_pod("client")?;
+    let backend = bed.add_pod("backend")?;
+    let vip = Ipv4Addr::new(10, 96, 0, 90);
+    let ports = [ServicePort::tcp("http", 80, 8080)];
+    let endpoints = [Endpoint::not_ready(backend.ip())];
+    bed.manifests().write(
+        "empty.yaml",
+        &[
+            service(NAMESPACE, "empty", &vip.to_string(), &ports),
+            endpoint_slice(NAMESPACE, "empty", "s1", &endpoints, &ports),
+        ],
+    )?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[])?;
+    bed.wait_attached()?;
+    for (addr, code) in
+        [(SocketAddrV4::new(vip, 80), 158), (SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 91), 80), 174)]
+    {
+        let started = std::time::Instant::now();
+        let result =
+            client.run(move || std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3)))?;
+        let err = result.err().ok_or_else(|| anyhow::anyhow!("{addr}: connected, but nothing serves it"))?;
+        ensure!(
+            err.kind() == std::io::ErrorKind::ConnectionRefused,
+            "{addr}: {err} after {:?}",
+            started.elapsed()
+        );
+        ensure!(
+            started.elapsed() < Duration::from_secs(1),
+            "{addr}: refused only after {:?}",
+            started.elapsed()
+        );
+        ensure!(bed.cli().metric_packets(code)? > 0, "{addr}: drop code {code} counted");
+    }
+    Ok(())
+}

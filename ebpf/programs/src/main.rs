@@ -27,6 +27,8 @@ mod packet;
 #[cfg(target_arch = "bpf")]
 mod policy;
 #[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
 mod to_pod;
 
 /// What a program decided about a packet.
@@ -44,9 +46,12 @@ mod programs {
         programs::TcContext,
     };
 
-    use weir_abi::events::{DIRECTION_EGRESS, DIRECTION_INGRESS, OBSERVED_FROM_POD, OBSERVED_TO_POD};
+    use weir_abi::{
+        events::{DIRECTION_EGRESS, DIRECTION_INGRESS, OBSERVED_FROM_POD, OBSERVED_TO_POD},
+        metrics::{DROP_IS_CLUSTER_IP, DROP_NO_SERVICE},
+    };
 
-    use crate::{Verdict, events, from_pod, metrics, packet, to_pod};
+    use crate::{Verdict, events, from_pod, metrics, packet, reject, to_pod};
 
     /// Attached to tcx ingress of a pod's host-side veth: traffic from the pod.
     #[classifier]
@@ -56,6 +61,15 @@ mod programs {
                 let verdict = from_pod::handle(&ctx, &pkt);
                 if let Verdict::Drop(reason) = verdict {
                     events::drop(&ctx, &pkt, reason, OBSERVED_FROM_POD, DIRECTION_EGRESS);
+                    // A service address with nothing behind it: refuse, as
+                    // kube-proxy's REJECT does, rather than let it time out.
+                    if (reason == DROP_NO_SERVICE || reason == DROP_IS_CLUSTER_IP) && reject::applies(&pkt) {
+                        metrics::count(reason, ctx.len());
+                        if let Some(action) = reject::port_unreachable(&ctx, &pkt) {
+                            return action;
+                        }
+                        return TC_ACT_SHOT as i32;
+                    }
                 }
                 verdict
             }
