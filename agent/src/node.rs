@@ -81,8 +81,8 @@ impl Agent {
     /// policy maps, then the attachments to local pods.
     pub fn apply(&mut self, cluster: &Cluster) {
         let services = self.apply_services(cluster);
-        let identities = self.apply_policy(cluster);
-        self.publish_names(cluster, services, identities);
+        let (identities, by_ip) = self.apply_policy(cluster);
+        self.publish_names(cluster, services, identities, &by_ip);
         self.local_pods = pods::local_pod_ips(cluster, &self.node_name);
         self.attach_local_pods(true);
     }
@@ -92,22 +92,22 @@ impl Agent {
         cluster: &Cluster,
         services: HashMap<u32, ServiceName>,
         identities: HashMap<u32, Vec<String>>,
+        identity_by_ip: &HashMap<Ipv4Addr, u32>,
     ) {
         let mut pods = HashMap::new();
         for pod in &cluster.pods {
-            let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse().ok())
+            let Some(ip) = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_ref())
+                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
             else {
                 continue;
             };
             let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
             let labels: Vec<String> =
                 pod.metadata.labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
-            let identity = identities
-                .iter()
-                .find(|(_, l)| {
-                    l.first().map(String::as_str) == Some(namespace.as_str()) && l[1..] == labels[..]
-                })
-                .map_or(0, |(id, _)| *id);
+            let identity = identity_by_ip.get(&ip).copied().unwrap_or(0);
             pods.insert(
                 ip,
                 PodName {
@@ -123,10 +123,12 @@ impl Agent {
         self.names.send_replace(Arc::new(names));
     }
 
-    /// Returns identity → `[namespace, key=value…]` (or `[cidr:…]`).
-    fn apply_policy(&mut self, cluster: &Cluster) -> HashMap<u32, Vec<String>> {
+    /// Returns identity → `[namespace, key=value…]` (or `[cidr:…]`), and
+    /// the identity of each pod IP.
+    fn apply_policy(&mut self, cluster: &Cluster) -> (HashMap<u32, Vec<String>>, HashMap<Ipv4Addr, u32>) {
         let started = std::time::Instant::now();
-        let desired = policy::compute::compute(cluster, &self.node_name);
+        let host_addresses = system::local_addresses();
+        let desired = policy::compute::compute(cluster, &self.node_name, &host_addresses);
         let report = self.policy.reconcile(&desired, &mut self.datapath);
         for err in &report.errors {
             warn!(error = %err, full = err.full, "policy map write failed; will retry");
@@ -158,7 +160,13 @@ impl Agent {
             .collect();
         identities
             .extend(desired.cidr_identities.iter().map(|(id, cidr)| (*id, vec![format!("cidr:{cidr}")])));
-        identities
+        let by_ip = desired
+            .ipcache
+            .iter()
+            .filter(|(prefix, _)| prefix.prefix() == 32)
+            .map(|(prefix, id)| (prefix.ip(), *id))
+            .collect();
+        (identities, by_ip)
     }
 
     /// Ends the UDP flows of backends that left their frontend. (TCP flows

@@ -59,6 +59,19 @@ pub fn ensure_bpffs(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// This network namespace's own IPv4 addresses (the node's), loopback
+/// excepted: what the ipcache marks as the reserved host identity.
+pub fn local_addresses() -> Vec<Ipv4Addr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let mut out: Vec<Ipv4Addr> = addrs
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// One row of /proc/net/route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Route {

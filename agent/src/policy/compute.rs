@@ -15,7 +15,9 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use weir_abi::policy::{DIRECTION_EGRESS, DIRECTION_INGRESS, POLICY_ANY_IDENTITY, POLICY_ANY_PROTO};
+use weir_abi::policy::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_HOST, POLICY_ANY_IDENTITY, POLICY_ANY_PROTO,
+};
 
 use super::{
     identity::{IdentityKey, NAMESPACE_NAME_LABEL, cidr_identities, pod_identities},
@@ -75,6 +77,23 @@ fn named_port(pod: &Pod, name: &str, proto: u8) -> Vec<u16> {
         .flat_map(|c| c.ports.iter().flatten())
         .filter(|p| p.name.as_deref() == Some(name) && parse_protocol(p.protocol.as_deref()) == Some(proto))
         .filter_map(|p| u16::try_from(p.container_port).ok())
+        .collect()
+}
+
+/// Every named port a pod declares, as `name/PROTO=number`. Part of the
+/// identity so that pods with the same labels but different named ports
+/// get different identities: egress rules with named ports resolve per
+/// destination pod, and entries are keyed by identity (Cilium learned this
+/// the hard way, cilium#45760).
+fn named_ports(pod: &Pod) -> BTreeSet<String> {
+    let containers =
+        pod.spec.iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()));
+    containers
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let name = p.name.as_deref()?;
+            Some(format!("{name}/{}={}", p.protocol.as_deref().unwrap_or("TCP"), p.container_port))
+        })
         .collect()
 }
 
@@ -167,8 +186,11 @@ impl Model<'_> {
 fn policy_types(policy: &NetworkPolicy) -> (bool, bool) {
     let spec = policy.spec.as_ref();
     match spec.and_then(|s| s.policy_types.as_ref()) {
-        Some(types) => (types.iter().any(|t| t == "Ingress"), types.iter().any(|t| t == "Egress")),
-        None => (true, spec.and_then(|s| s.egress.as_ref()).is_some_and(|e| !e.is_empty())),
+        // The API server defaults an empty list as it does an absent one.
+        Some(types) if !types.is_empty() => {
+            (types.iter().any(|t| t == "Ingress"), types.iter().any(|t| t == "Egress"))
+        }
+        _ => (true, spec.and_then(|s| s.egress.as_ref()).is_some_and(|e| !e.is_empty())),
     }
 }
 
@@ -176,7 +198,10 @@ fn insert(entries: &mut BTreeMap<EntryKey, u32>, key: EntryKey, rule: u32) {
     entries.entry(key).or_insert(rule);
 }
 
-pub fn compute(cluster: &Cluster, node_name: &str) -> DesiredPolicy {
+/// `host_addresses`: this node's own addresses. They get the reserved host
+/// identity, and traffic from them to a local pod is always allowed (the
+/// API: "traffic from the pod's local node" — kubelet's probes).
+pub fn compute(cluster: &Cluster, node_name: &str, host_addresses: &[Ipv4Addr]) -> DesiredPolicy {
     let mut namespace_labels = BTreeMap::new();
     for ns in &cluster.namespaces {
         let Some(name) = ns.metadata.name.clone() else { continue };
@@ -196,6 +221,7 @@ pub fn compute(cluster: &Cluster, node_name: &str) -> DesiredPolicy {
             let key = IdentityKey {
                 namespace: namespace.clone(),
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
+                named_ports: named_ports(pod),
             };
             PodInfo { name, namespace, ip, local, key, pod }
         })
@@ -222,6 +248,9 @@ pub fn compute(cluster: &Cluster, node_name: &str) -> DesiredPolicy {
     for (cidr, id) in &cidr_ids {
         desired.ipcache.insert(*cidr, *id);
         desired.cidr_identities.insert(*id, *cidr);
+    }
+    for address in host_addresses {
+        desired.ipcache.insert(Ipv4Network::from(*address), IDENTITY_HOST);
     }
     for pod in &pods {
         let id = ids[&pod.key];
@@ -380,7 +409,7 @@ metadata: {name: y, labels: {team: blue}}"#;
 
     #[test]
     fn unselected_pods_are_not_isolated() {
-        let d = compute(&cluster(PODS), "n1");
+        let d = compute(&cluster(PODS), "n1", &[]);
         assert_eq!(d.endpoints.len(), 2, "only n1's pods are local");
         assert!(
             d.endpoints.values().all(|e| !e.ingress_isolated && !e.egress_isolated && e.entries.is_empty())
@@ -393,14 +422,14 @@ metadata: {name: y, labels: {team: blue}}"#;
         let deny = format!(
             "{PODS}\n---\nkind: NetworkPolicy\nmetadata: {{name: deny, namespace: x}}\nspec: {{podSelector: {{}}, ingress: []}}"
         );
-        let d = compute(&cluster(&deny), "n1");
+        let d = compute(&cluster(&deny), "n1", &[]);
         let a = &d.endpoints[&ip("10.244.0.2")];
         assert!(a.ingress_isolated && !a.egress_isolated && a.entries.is_empty());
 
         let allow = format!(
             "{PODS}\n---\nkind: NetworkPolicy\nmetadata: {{name: allow, namespace: x}}\nspec: {{podSelector: {{}}, ingress: [{{}}]}}"
         );
-        let d = compute(&cluster(&allow), "n1");
+        let d = compute(&cluster(&allow), "n1", &[]);
         let a = &d.endpoints[&ip("10.244.0.2")];
         assert_eq!(
             a.entries.keys().copied().collect::<Vec<_>>(),
@@ -413,7 +442,7 @@ metadata: {name: y, labels: {team: blue}}"#;
         let policy = format!(
             "{PODS}\n---\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n  - from: [{{namespaceSelector: {{matchLabels: {{team: blue}}}}}}]\n    ports: [{{port: web}}]"
         );
-        let d = compute(&cluster(&policy), "n1");
+        let d = compute(&cluster(&policy), "n1", &[]);
         let a = &d.endpoints[&ip("10.244.0.2")];
         let y_a = d.ipcache[&Ipv4Network::from(ip("10.244.1.2"))];
         let keys: Vec<EntryKey> = a.entries.keys().copied().collect();
@@ -435,7 +464,7 @@ metadata: {name: y, labels: {team: blue}}"#;
         let policy = format!(
             "{PODS}\n---\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{{ipBlock: {{cidr: 203.0.113.0/24, except: [203.0.113.128/25]}}}}]"
         );
-        let d = compute(&cluster(&policy), "n1");
+        let d = compute(&cluster(&policy), "n1", &[]);
         let a = &d.endpoints[&ip("10.244.0.2")];
         assert!(a.egress_isolated && !a.ingress_isolated, "explicit policyTypes");
         let allowed: Vec<u32> = a.entries.keys().map(|k| k.identity).collect();

@@ -22,6 +22,9 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 pub struct IdentityKey {
     pub namespace: String,
     pub labels: Labels,
+    /// `name/PROTO=number` of each named container port (see compute.rs).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub named_ports: BTreeSet<String>,
 }
 
 impl IdentityKey {
@@ -30,6 +33,9 @@ impl IdentityKey {
         let mut s = format!("k8s:io.kubernetes.pod.namespace={}", self.namespace);
         for (k, v) in &self.labels {
             s.push_str(&format!(",k8s:{k}={v}"));
+        }
+        for port in &self.named_ports {
+            s.push_str(&format!(",named-port:{port}"));
         }
         s
     }
@@ -81,6 +87,7 @@ mod tests {
         IdentityKey {
             namespace: ns.into(),
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            named_ports: BTreeSet::new(),
         }
     }
 

@@ -8,7 +8,7 @@ use weir_abi::{
     ct::{CT_F_HAIRPIN, CT_KIND_FLOW, CT_KIND_INGRESS, CT_KIND_SERVICE, CT_STATE_CLOSING, CtEntry},
     events::{DIRECTION_INGRESS as EVENT_INGRESS, EVENT_NEW_CONNECTION, OBSERVED_TO_POD},
     metrics::{DROP_CT_CREATE_FAILED, DROP_POLICY_DENIED, POLICY_ALLOWED, REVERSE_NAT},
-    policy::{DIRECTION_INGRESS, ENDPOINT_F_INGRESS_ISOLATED},
+    policy::{DIRECTION_INGRESS, ENDPOINT_F_INGRESS_ISOLATED, IDENTITY_HOST},
 };
 
 use crate::{
@@ -84,7 +84,9 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
     let src_identity = if isolated || events::enabled(&cfg) { policy::identity_of(pkt.saddr_be) } else { 0 };
     if isolated {
         // The hairpin source is the pod itself reaching its own service.
+        // The node itself (kubelet's probes) may always reach its pods.
         let allowed = pkt.saddr_be == cfg.hairpin_addr_be
+            || src_identity == IDENTITY_HOST
             || policy::allows(ep.endpoint_id, DIRECTION_INGRESS, src_identity, pkt.proto, pkt.dport_be);
         if !allowed {
             policy::count_drop(ep.endpoint_id, DROP_POLICY_DENIED, len);
