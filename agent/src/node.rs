@@ -41,6 +41,8 @@ pub struct Agent {
     udp_backends: HashMap<(u32, u16), HashSet<(u32, u16)>>,
     /// The hairpin source address (network order), as configured.
     hairpin_be: u32,
+    /// The node's devices (name, address) as last seen.
+    devices: Vec<(String, Ipv4Addr)>,
 }
 
 impl Agent {
@@ -69,6 +71,7 @@ impl Agent {
             names: names::channel().0,
             udp_backends: HashMap::new(),
             hairpin_be: u32::from_ne_bytes(hairpin.octets()),
+            devices: Vec::new(),
         })
     }
 
@@ -80,8 +83,11 @@ impl Agent {
     /// Applies a full read of the cluster: the load-balancer maps, the
     /// policy maps, then the attachments to local pods.
     pub fn apply(&mut self, cluster: &Cluster) {
-        let services = self.apply_services(cluster);
-        let (identities, by_ip) = self.apply_policy(cluster);
+        let devices = system::local_devices();
+        let addresses: Vec<Ipv4Addr> = devices.iter().map(|(_, ip)| *ip).collect();
+        let services = self.apply_services(cluster, &addresses);
+        let (identities, by_ip) = self.apply_policy(cluster, &addresses);
+        self.devices = devices;
         self.publish_names(cluster, services, identities, &by_ip);
         self.local_pods = pods::local_pod_ips(cluster, &self.node_name);
         self.attach_local_pods(true);
@@ -125,10 +131,13 @@ impl Agent {
 
     /// Returns identity → `[namespace, key=value…]` (or `[cidr:…]`), and
     /// the identity of each pod IP.
-    fn apply_policy(&mut self, cluster: &Cluster) -> (HashMap<u32, Vec<String>>, HashMap<Ipv4Addr, u32>) {
+    fn apply_policy(
+        &mut self,
+        cluster: &Cluster,
+        host_addresses: &[Ipv4Addr],
+    ) -> (HashMap<u32, Vec<String>>, HashMap<Ipv4Addr, u32>) {
         let started = std::time::Instant::now();
-        let host_addresses = system::local_addresses();
-        let desired = policy::compute::compute(cluster, &self.node_name, &host_addresses);
+        let desired = policy::compute::compute(cluster, &self.node_name, host_addresses);
         let report = self.policy.reconcile(&desired, &mut self.datapath);
         for err in &report.errors {
             warn!(error = %err, full = err.full, "policy map write failed; will retry");
@@ -197,10 +206,18 @@ impl Agent {
     }
 
     /// Returns service id → Service name.
-    fn apply_services(&mut self, cluster: &Cluster) -> HashMap<u32, ServiceName> {
+    fn apply_services(
+        &mut self,
+        cluster: &Cluster,
+        node_addresses: &[Ipv4Addr],
+    ) -> HashMap<u32, ServiceName> {
         let started = std::time::Instant::now();
-        let desired =
-            desired_frontends_on(&cluster.services, &cluster.endpoint_slices, Some(&self.node_name));
+        let desired = desired_frontends_on(
+            &cluster.services,
+            &cluster.endpoint_slices,
+            Some(&self.node_name),
+            node_addresses,
+        );
         let report = self.lb.reconcile(&desired, &mut self.datapath);
         lb::sync::log_errors(&report);
         if report.writes + report.deletes > 0 {
@@ -237,7 +254,7 @@ impl Agent {
                 // The CNI has not plumbed it yet; retried every second.
                 continue;
             };
-            for hook in Hook::ALL {
+            for hook in Hook::POD {
                 let attached = self
                     .datapath
                     .program(hook)
@@ -249,6 +266,27 @@ impl Agent {
             if let Some(index) = datapath::attach::ifindex(&ifname) {
                 keep.insert((ifname, index));
             }
+        }
+        // The node's devices: north-south traffic, and the SNAT addresses.
+        let mut device_map = BTreeMap::new();
+        // Loopback carries the node's traffic to itself, never north-south:
+        // its addresses count as the node's, but it gets no program.
+        for (ifname, address) in self.devices.iter().filter(|(name, _)| name != "lo") {
+            let Some(index) = datapath::attach::ifindex(ifname) else { continue };
+            let attached = self
+                .datapath
+                .program(Hook::FromNetdev)
+                .and_then(|program| self.attachments.ensure(Hook::FromNetdev, program, ifname));
+            match attached {
+                Ok(()) => {
+                    device_map.entry(index).or_insert(*address);
+                    keep.insert((ifname.clone(), index));
+                }
+                Err(err) => warn!(device = %ifname, error = %format!("{err:#}"), "cannot attach"),
+            }
+        }
+        if let Err(err) = self.datapath.set_devices(&device_map) {
+            warn!(error = %format!("{err:#}"), "cannot write the devices map");
         }
         if prune && let Err(err) = self.attachments.prune(&keep) {
             warn!(error = %format!("{err:#}"), "cannot prune links");

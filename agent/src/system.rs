@@ -59,13 +59,15 @@ pub fn ensure_bpffs(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// This network namespace's own IPv4 addresses (the node's), loopback
-/// excepted: what the ipcache marks as the reserved host identity.
-pub fn local_addresses() -> Vec<Ipv4Addr> {
+/// The node's devices: every interface of this network namespace with an
+/// IPv4 address, loopback excepted (pod veths have none on the host side).
+/// North-south traffic enters through them, NodePorts listen on their
+/// addresses, and the ipcache marks those addresses as the host identity.
+pub fn local_devices() -> Vec<(String, Ipv4Addr)> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
-    let mut out: Vec<Ipv4Addr> = addrs
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
-        .filter(|ip| !ip.is_loopback())
+    let mut out: Vec<(String, Ipv4Addr)> = addrs
+        .filter_map(|a| Some((a.interface_name.clone(), a.address?.as_sockaddr_in()?.ip())))
+        .filter(|(_, ip)| !ip.is_loopback())
         .collect();
     out.sort();
     out.dedup();

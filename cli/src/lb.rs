@@ -7,7 +7,7 @@ use serde::Serialize;
 use weir_abi::{
     lb::{
         BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
-        Service, ServiceKey, SlotKey,
+        SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT, Service, ServiceKey, SlotKey,
     },
     map_name, proto,
 };
@@ -81,6 +81,12 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
         let mut flags = Vec::new();
         if svc.flags & SVC_FLAG_CLUSTER_IP != 0 {
             flags.push("ClusterIP");
+        }
+        if svc.flags & SVC_FLAG_NODEPORT != 0 {
+            flags.push("NodePort");
+        }
+        if svc.flags & SVC_FLAG_EXTERNAL != 0 {
+            flags.push("ExternalIP");
         }
         let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
         if affinity {

@@ -34,6 +34,12 @@ impl TcpConn {
         let stream = pod
             .run(|| TcpStream::connect_timeout(&SocketAddr::V4(addr), timeout))?
             .with_context(|| format!("pod {}: TCP connect to {addr}", pod.name()))?;
+        TcpConn::from_stream(stream, timeout)
+    }
+
+    /// Wraps a stream connected elsewhere (e.g. from a namespace that is not
+    /// a pod's, such as an external client's).
+    pub fn from_stream(stream: TcpStream, timeout: Duration) -> Result<TcpConn> {
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;

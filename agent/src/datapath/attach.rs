@@ -23,21 +23,26 @@ pub enum Hook {
     FromPod,
     /// tcx egress: packets on their way into the pod.
     ToPod,
+    /// tcx ingress of a node device: north-south traffic.
+    FromNetdev,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+    /// The hooks on a pod's host-side veth.
+    pub const POD: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+    pub const ALL: [Hook; 3] = [Hook::FromPod, Hook::ToPod, Hook::FromNetdev];
 
     fn name(self) -> &'static str {
         match self {
             Hook::FromPod => "from-pod",
             Hook::ToPod => "to-pod",
+            Hook::FromNetdev => "from-netdev",
         }
     }
 
     fn attach_type(self) -> TcAttachType {
         match self {
-            Hook::FromPod => TcAttachType::Ingress,
+            Hook::FromPod | Hook::FromNetdev => TcAttachType::Ingress,
             Hook::ToPod => TcAttachType::Egress,
         }
     }

@@ -8,7 +8,7 @@ pub mod conntrack;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -40,6 +40,8 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 pub const FROM_POD_PROGRAM: &str = "weir_from_pod";
 /// The program attached at tcx egress of each local pod's host-side veth.
 pub const TO_POD_PROGRAM: &str = "weir_to_pod";
+/// The program attached at tcx ingress of the node's devices.
+pub const FROM_NETDEV_PROGRAM: &str = "weir_from_netdev";
 
 /// Map capacities (entries).
 #[derive(Clone, Copy, Debug)]
@@ -64,6 +66,7 @@ pub struct Datapath {
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
     events: Option<RingBuf<MapData>>,
+    devices: HashMap<MapData, u32, u32>,
     root: PathBuf,
 }
 
@@ -88,7 +91,7 @@ impl Datapath {
             .map_max_entries(map_name::POLICY, sizes.policy)
             .load(PROGRAMS)
             .context("loading the eBPF programs")?;
-        for name in [FROM_POD_PROGRAM, TO_POD_PROGRAM] {
+        for name in [FROM_POD_PROGRAM, TO_POD_PROGRAM, FROM_NETDEV_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing"))?
@@ -106,6 +109,7 @@ impl Datapath {
             endpoints: take(&mut ebpf, map_name::ENDPOINTS)?,
             policy: take(&mut ebpf, map_name::POLICY)?,
             events: Some(take(&mut ebpf, map_name::EVENTS)?),
+            devices: take(&mut ebpf, map_name::DEVICES)?,
             ebpf,
             root: root.to_owned(),
         })
@@ -124,6 +128,7 @@ impl Datapath {
         let name = match hook {
             Hook::FromPod => FROM_POD_PROGRAM,
             Hook::ToPod => TO_POD_PROGRAM,
+            Hook::FromNetdev => FROM_NETDEV_PROGRAM,
         };
         let program = self.ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
         Ok(program.try_into()?)
@@ -139,6 +144,21 @@ impl Datapath {
         let slots = self.slots.iter().collect::<Result<Vec<_>, _>>().context("reading slots")?;
         let backends = self.backends.iter().collect::<Result<Vec<_>, _>>().context("reading backends")?;
         Ok(LbState::adopt(services, slots, backends))
+    }
+
+    /// Makes the devices map hold exactly `devices` (ifindex → address).
+    pub fn set_devices(&mut self, devices: &BTreeMap<u32, Ipv4Addr>) -> anyhow::Result<()> {
+        let current: Vec<u32> = self.devices.keys().collect::<Result<_, _>>()?;
+        for ifindex in current.iter().filter(|i| !devices.contains_key(i)) {
+            ignore_absent(self.devices.remove(ifindex))?;
+        }
+        for (ifindex, address) in devices {
+            let address_be = u32::from_ne_bytes(address.octets());
+            if self.devices.get(ifindex, 0).ok() != Some(address_be) {
+                self.devices.insert(ifindex, address_be, 0)?;
+            }
+        }
+        Ok(())
     }
 
     /// Rebuilds the policy mirror from the pinned maps.

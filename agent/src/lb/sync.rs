@@ -11,8 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tracing::warn;
 use weir_abi::lb::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
-    Service, ServiceKey, SlotKey,
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_AFFINITY, Service, ServiceKey, SlotKey,
 };
 
 use super::{
@@ -283,7 +282,7 @@ impl LbState {
         let value = Service {
             service_id: entry.service_id,
             count,
-            flags: SVC_FLAG_CLUSTER_IP | affinity_flag,
+            flags: spec.flags | affinity_flag,
             affinity_timeout,
             _pad: 0,
         };
@@ -466,7 +465,12 @@ mod tests {
             .map(|(f, b)| {
                 (
                     *f,
-                    FrontendSpec { service: "default/svc".into(), backends: b.clone(), ..Default::default() },
+                    FrontendSpec {
+                        service: "default/svc".into(),
+                        backends: b.clone(),
+                        flags: weir_abi::lb::SVC_FLAG_CLUSTER_IP,
+                        ..Default::default()
+                    },
                 )
             })
             .collect()

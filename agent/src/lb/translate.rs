@@ -8,6 +8,8 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+use weir_abi::lb::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT};
+
 use super::{BackendAddr, Frontend};
 
 /// The label that ties an EndpointSlice to its Service.
@@ -25,6 +27,8 @@ pub struct FrontendSpec {
     pub terminating: bool,
     /// `sessionAffinity: ClientIP`: seconds a client keeps its backend.
     pub affinity_timeout: Option<u32>,
+    /// What kind of frontend: `SVC_FLAG_CLUSTER_IP`, `_NODEPORT` or `_EXTERNAL`.
+    pub flags: u16,
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 h).
@@ -89,14 +93,19 @@ fn namespace_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectM
 /// not false (unset means ready), and only its first address counts.
 #[cfg(test)]
 pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desired {
-    desired_frontends_on(services, slices, None)
+    desired_frontends_on(services, slices, None, &[])
 }
 
 /// [`desired_frontends`] as seen from `node`: Services with
 /// `internalTrafficPolicy: Local` keep only the endpoints on this node (and
 /// none elsewhere: with no local endpoint their traffic is dropped, as
 /// kube-proxy drops it).
-pub fn desired_frontends_on(services: &[Service], slices: &[EndpointSlice], node: Option<&str>) -> Desired {
+pub fn desired_frontends_on(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: Option<&str>,
+    node_addresses: &[Ipv4Addr],
+) -> Desired {
     // (namespace, service name) → slices
     let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
@@ -119,9 +128,22 @@ pub fn desired_frontends_on(services: &[Service], slices: &[EndpointSlice], node
             continue;
         };
         let service_slices = slices_by_service.get(&(namespace.clone(), name.clone()));
-        let local_only = node.filter(|_| {
-            svc.spec.as_ref().and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local")
-        });
+        let spec = svc.spec.as_ref();
+        let internal_local = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
+        let external_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
+        let node_ports = matches!(spec.and_then(|s| s.type_.as_deref()), Some("NodePort" | "LoadBalancer"));
+        let mut external_ips: Vec<Ipv4Addr> = spec
+            .and_then(|s| s.external_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        if spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer") {
+            let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()?.ingress.as_ref());
+            external_ips.extend(
+                ingress.into_iter().flatten().filter_map(|i| i.ip.as_ref()?.parse::<Ipv4Addr>().ok()),
+            );
+        }
         for port in ports {
             let (Some(proto), Some(frontend_port)) =
                 (parse_protocol(port.protocol.as_deref()), parse_port(port.port))
@@ -129,8 +151,8 @@ pub fn desired_frontends_on(services: &[Service], slices: &[EndpointSlice], node
                 continue;
             };
             let port_name = port.name.as_deref().unwrap_or("");
-            let mut backends = BTreeSet::new();
-            let mut fallback = BTreeSet::new();
+            // (backend, node, ready, serving and terminating)
+            let mut endpoints = Vec::new();
             for slice in service_slices.into_iter().flatten() {
                 let slice_port = slice.ports.iter().flatten().find(|p| {
                     p.name.as_deref().unwrap_or("") == port_name
@@ -140,9 +162,6 @@ pub fn desired_frontends_on(services: &[Service], slices: &[EndpointSlice], node
                     continue;
                 };
                 for endpoint in &slice.endpoints {
-                    if local_only.is_some_and(|node| endpoint.node_name.as_deref() != Some(node)) {
-                        continue;
-                    }
                     let conditions = endpoint.conditions.as_ref();
                     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
                     // `serving` defaults to `ready` (discovery/v1 API docs).
@@ -153,30 +172,48 @@ pub fn desired_frontends_on(services: &[Service], slices: &[EndpointSlice], node
                         continue;
                     };
                     let backend = BackendAddr { address, port: target_port, proto };
-                    if ready {
-                        backends.insert(backend);
-                    } else if serving && terminating {
-                        fallback.insert(backend);
-                    }
+                    endpoints.push((backend, endpoint.node_name.as_deref(), ready, serving && terminating));
                 }
             }
             // kube-proxy's rule (pkg/proxy/topology.go): ready endpoints
-            // first; only when there are none, serving terminating ones.
-            let terminating = backends.is_empty() && !fallback.is_empty();
-            if terminating {
-                backends = fallback;
-            }
-            for address in &ips {
-                let frontend = Frontend { address: *address, port: frontend_port, proto };
+            // first; only when there are none, serving terminating ones —
+            // among this node's only, for a Local traffic policy (and none
+            // elsewhere: with no local endpoint the traffic is dropped).
+            let pick = |local: bool| {
+                let here = |n: &Option<&str>| !local || node.is_none() || *n == node;
+                let ready: BTreeSet<BackendAddr> =
+                    endpoints.iter().filter(|(_, n, r, _)| *r && here(n)).map(|(b, ..)| *b).collect();
+                if !ready.is_empty() {
+                    return (ready, false);
+                }
+                let fallback: BTreeSet<BackendAddr> =
+                    endpoints.iter().filter(|(_, n, _, t)| *t && here(n)).map(|(b, ..)| *b).collect();
+                let terminating = !fallback.is_empty();
+                (fallback, terminating)
+            };
+            let mut add = |address: Ipv4Addr, port: u16, flags: u16, local: bool| {
+                let (backends, terminating) = pick(local);
                 desired.insert(
-                    frontend,
+                    Frontend { address, port, proto },
                     FrontendSpec {
                         service: format!("{namespace}/{name}"),
-                        backends: backends.clone(),
+                        backends,
                         terminating,
                         affinity_timeout: affinity_timeout(svc),
+                        flags,
                     },
                 );
+            };
+            for address in &ips {
+                add(*address, frontend_port, SVC_FLAG_CLUSTER_IP, internal_local);
+            }
+            if let Some(node_port) = port.node_port.and_then(parse_port).filter(|_| node_ports) {
+                for address in node_addresses {
+                    add(*address, node_port, SVC_FLAG_NODEPORT, external_local);
+                }
+            }
+            for address in &external_ips {
+                add(*address, frontend_port, SVC_FLAG_EXTERNAL, external_local);
             }
         }
     }
@@ -274,10 +311,43 @@ endpoints:
         slice.endpoints[0].node_name = Some("n1".into());
         slice.endpoints[1].node_name = Some("n2".into());
         let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6 };
-        let on_n1 = desired_frontends_on(&[svc.clone()], &[slice.clone()], Some("n1"));
+        let on_n1 = desired_frontends_on(&[svc.clone()], &[slice.clone()], Some("n1"), &[]);
         assert_eq!(on_n1[&http].backends, [backend("10.244.0.2", 8080, 6)].into());
-        let on_n3 = desired_frontends_on(&[svc], &[slice], Some("n3"));
+        let on_n3 = desired_frontends_on(&[svc], &[slice], Some("n3"), &[]);
         assert!(on_n3[&http].backends.is_empty(), "no local endpoint: no backend, traffic dropped");
+    }
+
+    #[test]
+    fn node_ports_external_ips_and_load_balancer_ips() {
+        let svc: Service = yaml(
+            r#"
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [198.51.100.7]
+  externalTrafficPolicy: Local
+  ports: [{name: http, port: 80, nodePort: 30080, protocol: TCP}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.9}]}}
+"#,
+        );
+        let mut slice = web_slice();
+        slice.endpoints[0].node_name = Some("n1".into());
+        slice.endpoints[1].node_name = Some("n2".into());
+        let node_ip: Ipv4Addr = "192.0.2.1".parse().unwrap();
+        let d = desired_frontends_on(&[svc], &[slice], Some("n1"), &[node_ip]);
+        let fe = |ip: &str, port| Frontend { address: ip.parse().unwrap(), port, proto: 6 };
+        assert_eq!(d[&fe("10.96.0.10", 80)].flags, SVC_FLAG_CLUSTER_IP);
+        assert_eq!(d[&fe("10.96.0.10", 80)].backends.len(), 2, "eTP does not apply to ClusterIP traffic");
+        assert_eq!(d[&fe("192.0.2.1", 30080)].flags, SVC_FLAG_NODEPORT);
+        assert_eq!(
+            d[&fe("192.0.2.1", 30080)].backends,
+            [backend("10.244.0.2", 8080, 6)].into(),
+            "externalTrafficPolicy Local: this node's endpoints only"
+        );
+        assert_eq!(d[&fe("198.51.100.7", 80)].flags, SVC_FLAG_EXTERNAL);
+        assert_eq!(d[&fe("203.0.113.9", 80)].flags, SVC_FLAG_EXTERNAL);
+        assert_eq!(d.len(), 4);
     }
 
     #[test]

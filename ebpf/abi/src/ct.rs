@@ -16,6 +16,10 @@ pub const CT_KIND_FLOW: u8 = 2;
 /// Entry keyed by the tuple of a connection arriving at a local pod, created
 /// where its ingress policy is checked.
 pub const CT_KIND_INGRESS: u8 = 3;
+/// Entry keyed by the tuple a remote backend's reply carries back to this
+/// node (backend → node address:allocated port) for a north-south connection
+/// whose client was SNATed: it names the client and the frontend to restore.
+pub const CT_KIND_NAT_REPLY: u8 = 4;
 
 /// Conntrack key. Addresses and ports are those of the original direction.
 #[repr(C)]
@@ -46,6 +50,12 @@ pub const CT_F_HAIRPIN: u8 = 1 << 0;
 pub const CT_F_TX_CLOSING: u8 = 1 << 1;
 /// The replying side sent FIN.
 pub const CT_F_RX_CLOSING: u8 = 1 << 2;
+/// SERVICE entry of a north-south connection to a remote backend: the client
+/// is SNATed to `client_addr_be`:`aux_port_be` (a node address and port).
+pub const CT_F_SNAT: u8 = 1 << 3;
+/// FLOW entry of a north-south connection to a local backend: its replies
+/// leave with a node address as source, so they are sent out directly.
+pub const CT_F_NORTH_SOUTH: u8 = 1 << 4;
 
 /// Conntrack value. Byte and packet counters are updated without atomics and
 /// may undercount under contention; they are for inspection only.
@@ -63,7 +73,8 @@ pub struct CtEntry {
     /// FLOW: the frontend address replies are rewritten from.
     pub nat_addr_be: u32,
     /// FLOW with `CT_F_HAIRPIN`: the client's real address, restored as the
-    /// destination of replies.
+    /// destination of replies. SERVICE with `CT_F_SNAT`: the node address
+    /// the client is SNATed to. NAT_REPLY: the client's address.
     pub client_addr_be: u32,
     pub service_id: u32,
     pub backend_id: u32,
@@ -77,7 +88,10 @@ pub struct CtEntry {
     pub tx_flags_seen: u8,
     /// TCP flags seen from the replying side.
     pub rx_flags_seen: u8,
-    pub _pad: [u8; 6],
+    /// SERVICE with `CT_F_SNAT`: the allocated source port. NAT_REPLY: the
+    /// client's port.
+    pub aux_port_be: u16,
+    pub _pad: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 64);
 

@@ -25,6 +25,12 @@ pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
 /// `sessionAffinity: ClientIP`: a client keeps its backend for
 /// `affinity_timeout` seconds after its last new connection.
 pub const SVC_FLAG_AFFINITY: u16 = 1 << 1;
+/// The frontend is a NodePort on one of this node's addresses.
+pub const SVC_FLAG_NODEPORT: u16 = 1 << 2;
+/// The frontend is an external IP or a LoadBalancer ingress IP.
+pub const SVC_FLAG_EXTERNAL: u16 = 1 << 3;
+/// Frontends served to traffic from outside the node (north-south).
+pub const SVC_FLAGS_NORTH_SOUTH: u16 = SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL;
 
 /// Value of the services map.
 #[repr(C)]

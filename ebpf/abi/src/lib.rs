@@ -63,10 +63,13 @@ pub mod map_name {
     pub const ENDPOINT_METRICS: &str = "EP_METRICS_V1";
     /// LRU: [`crate::lb::AffinityKey`] → [`crate::lb::AffinityEntry`].
     pub const AFFINITY: &str = "LB4_AFFINITY_V1";
+    /// Node device ifindex (`u32`) → its IPv4 address (network order `u32`):
+    /// where north-south traffic enters, and the SNAT address for it.
+    pub const DEVICES: &str = "DEVICES_V1";
     /// Ring buffer of [`crate::events::FlowEvent`].
     pub const EVENTS: &str = "EVENTS_V1";
 
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -79,6 +82,7 @@ pub mod map_name {
         ENDPOINT_METRICS,
         EVENTS,
         AFFINITY,
+        DEVICES,
     ];
 }
 

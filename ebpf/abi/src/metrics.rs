@@ -35,6 +35,9 @@ pub const DROP_WRITE_ERROR: u32 = 141;
 pub const DROP_CT_CREATE_FAILED: u32 = 155;
 /// Cilium's DROP_NO_SERVICE: the frontend exists but has no backend.
 pub const DROP_NO_SERVICE: u32 = 158;
+/// Cilium's DROP_NAT_NO_MAPPING: no SNAT port was free for a north-south
+/// connection to a remote backend.
+pub const DROP_NAT_NO_MAPPING: u32 = 167;
 /// Cilium's DROP_IS_CLUSTER_IP: the address is in the service CIDR but no
 /// frontend matches (a deleted service, or an undefined port).
 pub const DROP_IS_CLUSTER_IP: u32 = 174;
@@ -53,6 +56,7 @@ pub fn reason_name(reason: u32) -> &'static str {
         DROP_WRITE_ERROR => "Error writing to packet",
         DROP_CT_CREATE_FAILED => "CT: Map insertion failed",
         DROP_NO_SERVICE => "Service backend not found",
+        DROP_NAT_NO_MAPPING => "No mapping for NAT masquerade",
         DROP_IS_CLUSTER_IP => "Is a ClusterIP",
         _ => "Unknown",
     }

@@ -5,7 +5,10 @@
 use aya_ebpf::programs::TcContext;
 use weir_abi::{
     config::Config,
-    ct::{CT_F_HAIRPIN, CT_KIND_FLOW, CT_KIND_INGRESS, CT_KIND_SERVICE, CT_STATE_CLOSING, CtEntry, CtKey},
+    ct::{
+        CT_F_HAIRPIN, CT_F_NORTH_SOUTH, CT_KIND_FLOW, CT_KIND_INGRESS, CT_KIND_SERVICE, CT_STATE_CLOSING,
+        CtEntry, CtKey,
+    },
     events::{DIRECTION_EGRESS as EVENT_EGRESS, EVENT_F_TRANSLATED, EVENT_NEW_CONNECTION, OBSERVED_FROM_POD},
     metrics::{
         DROP_CT_CREATE_FAILED, DROP_IS_CLUSTER_IP, DROP_POLICY_DENIED, HAIRPIN_NEW, POLICY_ALLOWED,
@@ -20,7 +23,7 @@ use crate::{
     events, lb,
     maps::{CONFIG, CONNTRACK},
     metrics::count,
-    nat::{End, rewrite_addr, rewrite_port},
+    nat::{self, End, rewrite_addr, rewrite_port},
     packet::Packet,
     policy,
 };
@@ -28,7 +31,7 @@ use crate::{
 #[inline(always)]
 pub fn handle(ctx: &TcContext, pkt: &Packet) -> Verdict {
     match try_handle(ctx, pkt) {
-        Ok(()) => Verdict::Pass,
+        Ok(verdict) => verdict,
         Err(reason) => Verdict::Drop(reason),
     }
 }
@@ -39,7 +42,7 @@ pub fn ct_key(saddr_be: u32, daddr_be: u32, sport_be: u16, dport_be: u16, proto:
 }
 
 #[inline(always)]
-fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
+fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
     // SAFETY: copied out at once.
     let cfg = CONFIG.get_ptr(0).map(|c| unsafe { *c }).unwrap_or_default();
     let now = now_secs();
@@ -65,9 +68,10 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
         let flow = unsafe { &mut *flow };
         conntrack::observe(flow, pkt, false, len, &cfg, now);
         if flow.service_id == 0 {
-            return Ok(());
+            return Ok(Verdict::Pass);
         }
         let hairpin = flow.flags & CT_F_HAIRPIN != 0;
+        let north_south = flow.flags & CT_F_NORTH_SOUTH != 0;
         let client_be = if hairpin { flow.client_addr_be } else { pkt.daddr_be };
         // Keep the service entry alive as long as the flow: a server that
         // talks much more than its client must not lose its backend.
@@ -86,10 +90,15 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
             rewrite_addr(ctx, pkt, End::Destination, pkt.daddr_be, client_be)?;
         }
         count(REVERSE_NAT, len);
-        return Ok(());
+        // A reply to a client outside the node now comes from a node
+        // address: send it out directly (the stack drops it as a martian).
+        if north_south && let Some(action) = nat::redirect_to_route(ctx, nat_addr_be, client_be) {
+            return Ok(Verdict::Redirect(action));
+        }
+        return Ok(Verdict::Pass);
     }
     if inbound {
-        return Ok(());
+        return Ok(Verdict::Pass);
     }
 
     // 2. A later packet of a service connection: follow the recorded
@@ -127,7 +136,7 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
             svc.tx_bytes += u64::from(len);
             translate(ctx, pkt, svc.nat_addr_be, svc.nat_port_be, hairpin.then_some(cfg.hairpin_addr_be))?;
             count(SERVICE_ESTABLISHED, len);
-            return Ok(());
+            return Ok(Verdict::Pass);
         }
     }
 
@@ -138,7 +147,7 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
         let flow = unsafe { &mut *flow };
         if !(is_syn(pkt) && (flow.state == CT_STATE_CLOSING || flow.expires < now)) {
             conntrack::observe(flow, pkt, true, len, &cfg, now);
-            return Ok(());
+            return Ok(Verdict::Pass);
         }
     }
 
@@ -200,7 +209,7 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
         let mut flow = CtEntry::default();
         conntrack::observe(&mut flow, pkt, true, len, &cfg, now);
         CONNTRACK.insert(&flow_key, &flow, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
-        return Ok(());
+        return Ok(Verdict::Pass);
     };
     let mut svc = CtEntry {
         nat_addr_be: target_be,
@@ -221,7 +230,7 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
     CONNTRACK.insert(&svc_key, &svc, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
     translate(ctx, pkt, target_be, target_port_be, hairpin.then_some(cfg.hairpin_addr_be))?;
     count(if hairpin { HAIRPIN_NEW } else { SERVICE_NEW }, len);
-    Ok(())
+    Ok(Verdict::Pass)
 }
 
 /// The flow half of a service connection: keyed by the translated tuple,

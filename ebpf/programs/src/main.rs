@@ -13,6 +13,8 @@ mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod events;
 #[cfg(target_arch = "bpf")]
+mod from_netdev;
+#[cfg(target_arch = "bpf")]
 mod from_pod;
 #[cfg(target_arch = "bpf")]
 mod lb;
@@ -36,6 +38,8 @@ mod to_pod;
 pub enum Verdict {
     Pass,
     Drop(u32),
+    /// The packet was redirected; return this TC action.
+    Redirect(i32),
 }
 
 #[cfg(target_arch = "bpf")]
@@ -51,7 +55,7 @@ mod programs {
         metrics::{DROP_IS_CLUSTER_IP, DROP_NO_SERVICE},
     };
 
-    use crate::{Verdict, events, from_pod, metrics, packet, reject, to_pod};
+    use crate::{Verdict, events, from_netdev, from_pod, metrics, packet, reject, to_pod};
 
     /// Attached to tcx ingress of a pod's host-side veth: traffic from the pod.
     #[classifier]
@@ -97,10 +101,23 @@ mod programs {
         finish(&ctx, verdict)
     }
 
+    /// Attached to tcx ingress of the node's devices: north-south traffic.
+    #[classifier]
+    pub fn weir_from_netdev(ctx: TcContext) -> i32 {
+        let verdict = match packet::parse(&ctx) {
+            Ok(Some(pkt)) => from_netdev::handle(&ctx, &pkt),
+            Ok(None) => Verdict::Pass,
+            // Not ours to judge what else arrives from the network.
+            Err(_) => Verdict::Pass,
+        };
+        finish(&ctx, verdict)
+    }
+
     #[inline(always)]
     fn finish(ctx: &TcContext, verdict: Verdict) -> i32 {
         match verdict {
             Verdict::Pass => TC_ACT_OK as i32,
+            Verdict::Redirect(action) => action,
             Verdict::Drop(reason) => {
                 metrics::count(reason, ctx.len());
                 TC_ACT_SHOT as i32

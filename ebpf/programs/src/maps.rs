@@ -50,3 +50,6 @@ pub static ENDPOINT_METRICS: PerCpuHashMap<EndpointMetricKey, Counter> =
 
 #[map(name = "EVENTS_V1")]
 pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
+
+#[map(name = "DEVICES_V1")]
+pub static DEVICES: HashMap<u32, u32> = HashMap::pinned(64, 0);

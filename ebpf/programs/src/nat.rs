@@ -3,7 +3,11 @@
 //! pseudo-header flag is given for address changes.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
 use weir_abi::metrics::DROP_WRITE_ERROR;
@@ -58,4 +62,35 @@ pub fn rewrite_port(ctx: &TcContext, pkt: &Packet, end: End, old_be: u16, new_be
     ctx.l4_csum_replace(pkt.l4_csum_off, u64::from(old_be), u64::from(new_be), l4_flags(pkt) | 2)
         .map_err(|_| DROP_WRITE_ERROR)?;
     ctx.store(off, &new_be, 0).map_err(|_| DROP_WRITE_ERROR)
+}
+
+/// Sends a rewritten packet straight out of the interface the routing table
+/// picks for its (new) destination, resolving the next hop's MAC.
+///
+/// Needed when a rewrite makes the source one of this node's own addresses
+/// (a NodePort reply, a SNATed client): the stack would drop such a packet
+/// as a martian ("source is local") before forwarding it. Cilium bypasses
+/// the stack the same way (`redirect_neigh`). Returns the TC action, or
+/// `None` when there is no route (the caller lets the stack try).
+#[inline(always)]
+pub fn redirect_to_route(ctx: &TcContext, saddr_be: u32, daddr_be: u32) -> Option<i32> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = 2; // AF_INET
+    // SAFETY: reading a field of the context the kernel handed us.
+    params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    params.__bindgen_anon_3.ipv4_src = saddr_be;
+    params.__bindgen_anon_4.ipv4_dst = daddr_be;
+    // SAFETY: the context's skb and a stack buffer of the size we pass.
+    let rc = unsafe {
+        bpf_fib_lookup(ctx.skb.skb.cast(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    // Success, or a route whose neighbour is not resolved yet (which
+    // redirect_neigh resolves).
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return None;
+    }
+    // SAFETY: a helper on an ifindex the kernel just returned.
+    let rc = unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) };
+    Some(rc as i32)
 }
