@@ -7,8 +7,9 @@ use nix::time::{ClockId, clock_gettime};
 use serde::Serialize;
 use weir_abi::{
     ct::{
-        CT_F_HAIRPIN, CT_F_RX_CLOSING, CT_F_TX_CLOSING, CT_KIND_FLOW, CT_KIND_INGRESS, CT_KIND_SERVICE,
-        CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CtEntry, CtKey,
+        CT_F_HAIRPIN, CT_F_NORTH_SOUTH, CT_F_RX_CLOSING, CT_F_SNAT, CT_F_TX_CLOSING, CT_KIND_FLOW,
+        CT_KIND_INGRESS, CT_KIND_NAT_REPLY, CT_KIND_SERVICE, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CtEntry,
+        CtKey,
     },
     map_name, proto,
 };
@@ -41,9 +42,13 @@ struct CtRow {
 
 fn row(key: &CtKey, entry: &CtEntry, now: i64) -> CtRow {
     let mut flags = Vec::new();
-    for (bit, name) in
-        [(CT_F_HAIRPIN, "hairpin"), (CT_F_TX_CLOSING, "tx-closing"), (CT_F_RX_CLOSING, "rx-closing")]
-    {
+    for (bit, name) in [
+        (CT_F_HAIRPIN, "hairpin"),
+        (CT_F_TX_CLOSING, "tx-closing"),
+        (CT_F_RX_CLOSING, "rx-closing"),
+        (CT_F_SNAT, "snat"),
+        (CT_F_NORTH_SOUTH, "north-south"),
+    ] {
         if entry.flags & bit != 0 {
             flags.push(name);
         }
@@ -54,6 +59,7 @@ fn row(key: &CtKey, entry: &CtEntry, now: i64) -> CtRow {
             CT_KIND_SERVICE => "service",
             CT_KIND_FLOW => "flow",
             CT_KIND_INGRESS => "ingress",
+            CT_KIND_NAT_REPLY => "nat-reply",
             _ => "unknown",
         },
         protocol: proto::name(key.proto),

@@ -76,3 +76,58 @@ fn node_port_and_external_ip_reach_a_local_backend_with_the_client_address() -> 
     }
     Ok(())
 }
+
+/// A NodePort whose only backend runs on another node: the client is SNATed
+/// to this node's address (so the reply comes back here), the reply is
+/// translated back to the NodePort, and the client sees a normal connection.
+#[test]
+fn node_port_reaches_a_backend_on_another_node_through_snat() -> Result<()> {
+    let mut bed = TestBed::new()?;
+    let client = external_client(&bed)?;
+    // A second node, without Weir, linked to the first; its pods are in
+    // 10.244.1.0/24.
+    let node2 = weir_tests::topology::Node::create(names::TEST_PREFIX)?;
+    let remote = node2.add_pod("remote", Ipv4Addr::new(10, 244, 1, 5))?;
+    let server = TcpServer::start(&remote, 8080, TcpMode::Lines)?;
+    let (n1, n2) = (bed.node().netns(), node2.netns());
+    let link = names::host_interface();
+    n1.ip(&["link", "add", &link, "type", "veth", "peer", "name", "uplink", "netns", n2.name()])?;
+    n1.ip(&["addr", "add", "198.19.0.1/30", "dev", &link])?;
+    n1.ip(&["link", "set", &link, "up"])?;
+    n1.set_sysctl(&format!("net.ipv4.conf.{link}.rp_filter"), "0")?;
+    n1.ip(&["route", "add", "10.244.1.0/24", "via", "198.19.0.2"])?;
+    n2.ip(&["addr", "add", "198.19.0.2/30", "dev", "uplink"])?;
+    n2.ip(&["link", "set", "uplink", "up"])?;
+    n2.set_sysctl("net.ipv4.conf.uplink.rp_filter", "0")?;
+    n2.ip(&["route", "add", "default", "via", "198.19.0.1"])?;
+
+    let vip = Ipv4Addr::new(10, 96, 0, 31);
+    let ports = [ServicePort::tcp("http", 80, 8080)];
+    let mut svc = service(NAMESPACE, "far", &vip.to_string(), &ports);
+    svc["spec"]["type"] = serde_json::json!("NodePort");
+    svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(30081);
+    let endpoints = [Endpoint::for_pod(remote.ip(), remote.name(), node2.name())];
+    bed.manifests().write("far.yaml", &[svc, endpoint_slice(NAMESPACE, "far", "s1", &endpoints, &ports)])?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, NODE_IP, 30081, "TCP", &[remote.ip()])?;
+    bed.wait_attached()?;
+
+    let target = SocketAddrV4::new(NODE_IP, 30081);
+    let mut conn = None;
+    weir_tests::cli::wait_until(AGENT_TIMEOUT, &format!("a connection to {target}"), || {
+        let stream = client.run(move || TcpStream::connect_timeout(&target.into(), DEFAULT_TIMEOUT))?;
+        conn = stream.ok().map(|s| TcpConn::from_stream(s, DEFAULT_TIMEOUT)).transpose()?;
+        Ok(conn.is_some())
+    })?;
+    let mut conn = conn.context("connected")?;
+    ensure!(conn.peer_addr()? == SocketAddr::V4(target), "replies come from the NodePort");
+    ensure!(conn.exchange()? == "remote");
+    ensure!(conn.exchange()? == "remote", "the connection keeps working");
+    let peers = server.peers();
+    ensure!(
+        peers.iter().all(|p| p.ip() == std::net::IpAddr::V4(NODE_IP)),
+        "the remote backend sees the node's address (SNAT), not the client's: {peers:?}"
+    );
+    let ct = bed.cli().ct_list()?;
+    ensure!(ct.iter().any(|e| e.kind == "nat-reply"), "a nat-reply entry: {ct:#?}");
+    Ok(())
+}
