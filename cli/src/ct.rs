@@ -127,3 +127,50 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
         }
     }
 }
+
+#[derive(Debug, Serialize)]
+struct NatRow {
+    protocol: &'static str,
+    /// The client as it connected.
+    client: Endpoint,
+    /// The NodePort or external address it connected to.
+    frontend: Endpoint,
+    /// The backend (on another node) the connection goes to.
+    backend: Endpoint,
+    /// What the client's address and port were translated to.
+    xlate_src: Endpoint,
+    expires_in_seconds: i64,
+}
+
+/// `weir nat list`: the SNAT translations of north-south connections to
+/// backends on other nodes, like `cilium bpf nat list`.
+pub fn nat_list(root: &Path, format: Format) -> anyhow::Result<()> {
+    let map: HashMap<MapData, CtKey, CtEntry> = open(root, map_name::CONNTRACK)?;
+    let now = clock_gettime(ClockId::CLOCK_MONOTONIC)?.tv_sec();
+    let mut rows: Vec<NatRow> = map
+        .iter()
+        .flatten()
+        .filter(|(k, v)| k.kind == CT_KIND_SERVICE && v.flags & CT_F_SNAT != 0)
+        .map(|(k, v)| NatRow {
+            protocol: proto::name(k.proto),
+            client: Endpoint::from_be(k.saddr_be, k.sport_be),
+            frontend: Endpoint::from_be(k.daddr_be, k.dport_be),
+            backend: Endpoint::from_be(v.nat_addr_be, v.nat_port_be),
+            xlate_src: Endpoint::from_be(v.client_addr_be, v.aux_port_be),
+            expires_in_seconds: i64::from(v.expires) - now,
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.client, &a.frontend).cmp(&(&b.client, &b.frontend)));
+    match format {
+        Format::Json => print_json(&rows),
+        Format::Table => {
+            for r in &rows {
+                println!(
+                    "{} OUT {} -> {} XLATE_SRC {} (via {}) expires={}s",
+                    r.protocol, r.client, r.backend, r.xlate_src, r.frontend, r.expires_in_seconds
+                );
+            }
+            Ok(())
+        }
+    }
+}

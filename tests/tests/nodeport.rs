@@ -129,5 +129,13 @@ fn node_port_reaches_a_backend_on_another_node_through_snat() -> Result<()> {
     );
     let ct = bed.cli().ct_list()?;
     ensure!(ct.iter().any(|e| e.kind == "nat-reply"), "a nat-reply entry: {ct:#?}");
+    let nat: serde_json::Value = bed.cli().json(&["nat", "list"])?;
+    let row = &nat[0];
+    ensure!(
+        row["xlate_src"]["address"] == NODE_IP.to_string()
+            && row["backend"]["address"] == remote.ip().to_string()
+            && row["frontend"]["port"] == 30081,
+        "`weir nat list` shows the translation: {nat:#}"
+    );
     Ok(())
 }
