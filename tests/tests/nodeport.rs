@@ -139,3 +139,44 @@ fn node_port_reaches_a_backend_on_another_node_through_snat() -> Result<()> {
     );
     Ok(())
 }
+
+/// `loadBalancerSourceRanges` admits the listed clients to a LoadBalancer IP
+/// and drops the rest (counted as "Not in source range").
+#[test]
+fn load_balancer_source_ranges_admit_only_listed_clients() -> Result<()> {
+    let mut bed = TestBed::new()?;
+    let client = external_client(&bed)?;
+    let backend = bed.add_pod("backend")?;
+    let _server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
+    let lb_ip = Ipv4Addr::new(198, 18, 9, 9);
+    let vip = Ipv4Addr::new(10, 96, 0, 32);
+    let ports = [ServicePort::tcp("http", 80, 8080)];
+    let endpoints = [Endpoint::for_pod(backend.ip(), backend.name(), bed.node().name())];
+    let write = |bed: &TestBed, range: &str| {
+        let mut svc = service(NAMESPACE, "lb", &vip.to_string(), &ports);
+        svc["spec"]["type"] = serde_json::json!("LoadBalancer");
+        svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(30082);
+        svc["spec"]["loadBalancerSourceRanges"] = serde_json::json!([range]);
+        svc["status"] = serde_json::json!({"loadBalancer": {"ingress": [{"ip": lb_ip.to_string()}]}});
+        bed.manifests().write("lb.yaml", &[svc, endpoint_slice(NAMESPACE, "lb", "s1", &endpoints, &ports)])
+    };
+    write(&bed, &format!("{CLIENT_IP}/32"))?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, lb_ip, 80, "TCP", &[backend.ip()])?;
+    bed.wait_attached()?;
+    client.ip(&["route", "add", &format!("{lb_ip}/32"), "via", &NODE_IP.to_string()])?;
+    let target = SocketAddrV4::new(lb_ip, 80);
+    let connect = |timeout| client.run(move || TcpStream::connect_timeout(&target.into(), timeout));
+    weir_tests::cli::wait_until(AGENT_TIMEOUT, "the listed client to connect", || {
+        Ok(connect(DEFAULT_TIMEOUT)?.is_ok())
+    })?;
+
+    write(&bed, "198.18.5.0/24")?;
+    weir_tests::cli::wait_until(AGENT_TIMEOUT, "an unlisted client to be dropped", || {
+        Ok(connect(std::time::Duration::from_millis(500))?.is_err())
+    })?;
+    ensure!(bed.cli().metric_packets(177)? > 0, "drops counted under 177 (Not in source range)");
+    // The NodePort of the same service is not subject to the ranges.
+    let node_port = SocketAddrV4::new(NODE_IP, 30082);
+    ensure!(client.run(move || TcpStream::connect_timeout(&node_port.into(), DEFAULT_TIMEOUT))?.is_ok());
+    Ok(())
+}

@@ -22,7 +22,7 @@ use ipnetwork::Ipv4Network;
 use weir_abi::{
     config::Config,
     ct::{CtEntry, CtKey},
-    lb::{Backend, Service, ServiceKey, SlotKey},
+    lb::{Backend, Service, ServiceKey, SlotKey, SourceRangeKey},
     map_name,
     policy::{EndpointInfo, IpcacheEntry, IpcacheKey, PolicyEntry, PolicyKey},
 };
@@ -67,6 +67,7 @@ pub struct Datapath {
     policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
     events: Option<RingBuf<MapData>>,
     devices: HashMap<MapData, u32, u32>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     root: PathBuf,
 }
 
@@ -110,6 +111,7 @@ impl Datapath {
             policy: take(&mut ebpf, map_name::POLICY)?,
             events: Some(take(&mut ebpf, map_name::EVENTS)?),
             devices: take(&mut ebpf, map_name::DEVICES)?,
+            source_ranges: take(&mut ebpf, map_name::SOURCE_RANGES)?,
             ebpf,
             root: root.to_owned(),
         })
@@ -143,7 +145,19 @@ impl Datapath {
         let services = self.services.iter().collect::<Result<Vec<_>, _>>().context("reading services")?;
         let slots = self.slots.iter().collect::<Result<Vec<_>, _>>().context("reading slots")?;
         let backends = self.backends.iter().collect::<Result<Vec<_>, _>>().context("reading backends")?;
-        Ok(LbState::adopt(services, slots, backends))
+        let ranges = self
+            .source_ranges
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading source ranges")?
+            .into_iter()
+            .filter_map(|(k, _)| {
+                let data = k.data();
+                let addr = Ipv4Addr::from(data.address_be.to_ne_bytes());
+                let prefix = k.prefix_len().checked_sub(32)? as u8;
+                Some((u32::from_be(data.service_id_be), Ipv4Network::new(addr, prefix).ok()?))
+            });
+        Ok(LbState::adopt(services, slots, backends, ranges))
     }
 
     /// Makes the devices map hold exactly `devices` (ifindex → address).
@@ -225,9 +239,26 @@ impl LbMaps for Datapath {
     fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapWriteError> {
         self.backends.insert(id, value, 0).map_err(|e| write_error(map_name::BACKENDS, "update", e))
     }
+    fn put_source_range(&mut self, service_id: u32, range: Ipv4Network) -> Result<(), MapWriteError> {
+        self.source_ranges
+            .insert(&source_range_key(service_id, range), 1, 0)
+            .map_err(|e| write_error(map_name::SOURCE_RANGES, "update", e))
+    }
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Network) -> Result<(), MapWriteError> {
+        ignore_absent(self.source_ranges.remove(&source_range_key(service_id, range)))
+            .map_err(|e| write_error(map_name::SOURCE_RANGES, "delete", e))
+    }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError> {
         ignore_absent(self.backends.remove(&id)).map_err(|e| write_error(map_name::BACKENDS, "delete", e))
     }
+}
+
+fn source_range_key(service_id: u32, range: Ipv4Network) -> Key<SourceRangeKey> {
+    let data = SourceRangeKey {
+        service_id_be: service_id.to_be(),
+        address_be: u32::from_ne_bytes(range.network().octets()),
+    };
+    Key::new(32 + u32::from(range.prefix()), data)
 }
 
 fn ipcache_key(prefix: Ipv4Network) -> Key<IpcacheKey> {

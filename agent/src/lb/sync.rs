@@ -7,7 +7,9 @@
 //! restarted agent keeps every service and backend id, and a reconciliation
 //! that finds nothing to change writes nothing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use ipnetwork::Ipv4Network;
 
 use tracing::warn;
 use weir_abi::lb::{
@@ -38,6 +40,8 @@ pub trait LbMaps {
     fn delete_slot(&mut self, key: &SlotKey) -> Result<(), MapWriteError>;
     fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapWriteError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError>;
+    fn put_source_range(&mut self, service_id: u32, range: Ipv4Network) -> Result<(), MapWriteError>;
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Network) -> Result<(), MapWriteError>;
 }
 
 /// What one reconciliation did.
@@ -73,6 +77,8 @@ pub struct LbState {
     backend_ids: HashMap<BackendAddr, u32>,
     /// Every service id in use, for allocation in constant time.
     service_ids: HashSet<u32>,
+    /// `loadBalancerSourceRanges` entries as written, by service id.
+    source_ranges: BTreeMap<u32, BTreeSet<Ipv4Network>>,
     next_service_id: u32,
     next_backend_id: u32,
 }
@@ -95,8 +101,12 @@ impl LbState {
         services: impl IntoIterator<Item = (ServiceKey, Service)>,
         slots: impl IntoIterator<Item = (SlotKey, u32)>,
         backends: impl IntoIterator<Item = (u32, Backend)>,
+        source_ranges: impl IntoIterator<Item = (u32, Ipv4Network)>,
     ) -> Self {
         let mut state = Self::default();
+        for (service_id, range) in source_ranges {
+            state.source_ranges.entry(service_id).or_default().insert(range);
+        }
         let mut by_id: HashMap<u32, ServiceKey> = HashMap::new();
         for (key, svc) in services {
             by_id.insert(svc.service_id, key);
@@ -279,6 +289,17 @@ impl LbState {
             Some(timeout) => (SVC_FLAG_AFFINITY, timeout),
             None => (0, 0),
         };
+        // Source ranges before the flag that makes the datapath read them.
+        let service_id = entry.service_id;
+        let written = self.source_ranges.entry(service_id).or_default();
+        for range in &spec.source_ranges {
+            if !written.contains(range) {
+                maps.put_source_range(service_id, *range)?;
+                report.writes += 1;
+                written.insert(*range);
+            }
+        }
+        let entry = self.services.get_mut(&key).expect("inserted above");
         let value = Service {
             service_id: entry.service_id,
             count,
@@ -291,6 +312,17 @@ impl LbState {
             report.writes += 1;
             entry.written = Some(value);
         }
+        let stale: Vec<Ipv4Network> = self.source_ranges[&service_id]
+            .iter()
+            .filter(|r| !spec.source_ranges.contains(r))
+            .copied()
+            .collect();
+        for range in stale {
+            maps.delete_source_range(service_id, range)?;
+            report.deletes += 1;
+            self.source_ranges.get_mut(&service_id).map(|set| set.remove(&range));
+        }
+        let entry = self.services.get_mut(&key).expect("inserted above");
         // 3. Then the slots beyond the count, which nothing reads any more.
         while entry.slots.len() > target.len() {
             let slot = entry.slots.len() as u32;
@@ -320,6 +352,14 @@ impl LbState {
             maps.delete_slot(&SlotKey { service_id: entry.service_id, slot })?;
             report.deletes += 1;
             entry.slots.pop();
+        }
+        let service_id = entry.service_id;
+        for range in self.source_ranges.remove(&service_id).unwrap_or_default() {
+            if let Err(err) = maps.delete_source_range(service_id, range) {
+                self.source_ranges.entry(service_id).or_default().insert(range);
+                return Err(err);
+            }
+            report.deletes += 1;
         }
         if let Some(entry) = self.services.remove(key) {
             self.service_ids.remove(&entry.service_id);
@@ -376,6 +416,7 @@ mod tests {
         slots: BTreeMap<SlotKey, u32>,
         backends: BTreeMap<u32, Backend>,
         service_capacity: Option<usize>,
+        ranges: BTreeSet<(u32, Ipv4Network)>,
         writes: usize,
     }
 
@@ -417,6 +458,16 @@ mod tests {
             self.backends.remove(&id);
             Ok(())
         }
+        fn put_source_range(&mut self, service_id: u32, range: Ipv4Network) -> Result<(), MapWriteError> {
+            self.writes += 1;
+            self.ranges.insert((service_id, range));
+            Ok(())
+        }
+        fn delete_source_range(&mut self, service_id: u32, range: Ipv4Network) -> Result<(), MapWriteError> {
+            self.writes += 1;
+            self.ranges.remove(&(service_id, range));
+            Ok(())
+        }
     }
 
     impl MemMaps {
@@ -447,6 +498,7 @@ mod tests {
                 self.services.iter().map(|(k, v)| (*k, *v)),
                 self.slots.iter().map(|(k, v)| (*k, *v)),
                 self.backends.iter().map(|(k, v)| (*k, *v)),
+                self.ranges.iter().copied(),
             )
         }
     }

@@ -8,7 +8,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use weir_abi::lb::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT};
+use weir_abi::lb::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT, SVC_FLAG_SOURCE_RANGES};
 
 use super::{BackendAddr, Frontend};
 
@@ -27,8 +27,12 @@ pub struct FrontendSpec {
     pub terminating: bool,
     /// `sessionAffinity: ClientIP`: seconds a client keeps its backend.
     pub affinity_timeout: Option<u32>,
-    /// What kind of frontend: `SVC_FLAG_CLUSTER_IP`, `_NODEPORT` or `_EXTERNAL`.
+    /// What kind of frontend: `SVC_FLAG_CLUSTER_IP`, `_NODEPORT` or
+    /// `_EXTERNAL`, with `_SOURCE_RANGES` when `source_ranges` applies.
     pub flags: u16,
+    /// `loadBalancerSourceRanges` (LoadBalancer IPs only, as kube-proxy:
+    /// NodePorts and external IPs are not restricted).
+    pub source_ranges: Vec<ipnetwork::Ipv4Network>,
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 h).
@@ -132,18 +136,25 @@ pub fn desired_frontends_on(
         let internal_local = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
         let external_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
         let node_ports = matches!(spec.and_then(|s| s.type_.as_deref()), Some("NodePort" | "LoadBalancer"));
-        let mut external_ips: Vec<Ipv4Addr> = spec
+        let external_ips: Vec<Ipv4Addr> = spec
             .and_then(|s| s.external_ips.as_ref())
             .into_iter()
             .flatten()
             .filter_map(|ip| ip.parse().ok())
             .collect();
+        let mut lb_ips: Vec<Ipv4Addr> = Vec::new();
         if spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer") {
             let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()?.ingress.as_ref());
-            external_ips.extend(
+            lb_ips.extend(
                 ingress.into_iter().flatten().filter_map(|i| i.ip.as_ref()?.parse::<Ipv4Addr>().ok()),
             );
         }
+        let source_ranges: Vec<ipnetwork::Ipv4Network> = spec
+            .and_then(|s| s.load_balancer_source_ranges.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.trim().parse().ok())
+            .collect();
         for port in ports {
             let (Some(proto), Some(frontend_port)) =
                 (parse_protocol(port.protocol.as_deref()), parse_port(port.port))
@@ -193,6 +204,7 @@ pub fn desired_frontends_on(
             };
             let mut add = |address: Ipv4Addr, port: u16, flags: u16, local: bool| {
                 let (backends, terminating) = pick(local);
+                let ranged = flags & SVC_FLAG_SOURCE_RANGES != 0;
                 desired.insert(
                     Frontend { address, port, proto },
                     FrontendSpec {
@@ -201,6 +213,7 @@ pub fn desired_frontends_on(
                         terminating,
                         affinity_timeout: affinity_timeout(svc),
                         flags,
+                        source_ranges: if ranged { source_ranges.clone() } else { Vec::new() },
                     },
                 );
             };
@@ -214,6 +227,11 @@ pub fn desired_frontends_on(
             }
             for address in &external_ips {
                 add(*address, frontend_port, SVC_FLAG_EXTERNAL, external_local);
+            }
+            let lb_flags =
+                SVC_FLAG_EXTERNAL | if source_ranges.is_empty() { 0 } else { SVC_FLAG_SOURCE_RANGES };
+            for address in &lb_ips {
+                add(*address, frontend_port, lb_flags, external_local);
             }
         }
     }

@@ -29,6 +29,9 @@ pub const SVC_FLAG_AFFINITY: u16 = 1 << 1;
 pub const SVC_FLAG_NODEPORT: u16 = 1 << 2;
 /// The frontend is an external IP or a LoadBalancer ingress IP.
 pub const SVC_FLAG_EXTERNAL: u16 = 1 << 3;
+/// A LoadBalancer IP with `loadBalancerSourceRanges`: only clients in the
+/// ranges (the source-ranges map) may connect.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 4;
 /// Frontends served to traffic from outside the node (north-south).
 pub const SVC_FLAGS_NORTH_SOUTH: u16 = SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL;
 
@@ -96,6 +99,16 @@ pub struct Backend {
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 
+/// Key data of the source-ranges LPM map: the service, then the client
+/// address; the prefix covers the 32 bits of `service_id` plus the range's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub service_id_be: u32,
+    pub address_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `repr(C)` integers with explicit padding, valid for any bit pattern.
@@ -105,4 +118,5 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
 }

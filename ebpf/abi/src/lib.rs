@@ -66,10 +66,12 @@ pub mod map_name {
     /// Node device ifindex (`u32`) → its IPv4 address (network order `u32`):
     /// where north-south traffic enters, and the SNAT address for it.
     pub const DEVICES: &str = "DEVICES_V1";
+    /// LPM trie: [`crate::lb::SourceRangeKey`] → `u8` (present = allowed).
+    pub const SOURCE_RANGES: &str = "LB4_SRC_RANGE_V1";
     /// Ring buffer of [`crate::events::FlowEvent`].
     pub const EVENTS: &str = "EVENTS_V1";
 
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -83,6 +85,7 @@ pub mod map_name {
         EVENTS,
         AFFINITY,
         DEVICES,
+        SOURCE_RANGES,
     ];
 }
 

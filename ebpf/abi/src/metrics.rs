@@ -38,6 +38,9 @@ pub const DROP_NO_SERVICE: u32 = 158;
 /// Cilium's DROP_NAT_NO_MAPPING: no SNAT port was free for a north-south
 /// connection to a remote backend.
 pub const DROP_NAT_NO_MAPPING: u32 = 167;
+/// Cilium's DROP_NOT_IN_SRC_RANGE: the client is outside the
+/// LoadBalancer's `loadBalancerSourceRanges`.
+pub const DROP_NOT_IN_SOURCE_RANGE: u32 = 177;
 /// Cilium's DROP_IS_CLUSTER_IP: the address is in the service CIDR but no
 /// frontend matches (a deleted service, or an undefined port).
 pub const DROP_IS_CLUSTER_IP: u32 = 174;
@@ -56,6 +59,7 @@ pub fn reason_name(reason: u32) -> &'static str {
         DROP_WRITE_ERROR => "Error writing to packet",
         DROP_CT_CREATE_FAILED => "CT: Map insertion failed",
         DROP_NO_SERVICE => "Service backend not found",
+        DROP_NOT_IN_SOURCE_RANGE => "Not in source range",
         DROP_NAT_NO_MAPPING => "No mapping for NAT masquerade",
         DROP_IS_CLUSTER_IP => "Is a ClusterIP",
         _ => "Unknown",

@@ -8,15 +8,17 @@
 //! address and a port chosen here, so that the replies come back through
 //! this node, where a NAT_REPLY entry restores the client and the frontend.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use weir_abi::{
     config::Config,
     ct::{
         CT_F_NORTH_SOUTH, CT_F_SNAT, CT_KIND_FLOW, CT_KIND_NAT_REPLY, CT_KIND_SERVICE, CT_STATE_CLOSING,
         CtEntry,
     },
-    lb::SVC_FLAGS_NORTH_SOUTH,
-    metrics::{DROP_CT_CREATE_FAILED, REVERSE_NAT, SERVICE_ESTABLISHED, SERVICE_NEW},
+    lb::{SVC_FLAG_SOURCE_RANGES, SVC_FLAGS_NORTH_SOUTH, SourceRangeKey},
+    metrics::{
+        DROP_CT_CREATE_FAILED, DROP_NOT_IN_SOURCE_RANGE, REVERSE_NAT, SERVICE_ESTABLISHED, SERVICE_NEW,
+    },
 };
 
 use crate::{
@@ -24,7 +26,7 @@ use crate::{
     conntrack::{self, is_syn, now_secs},
     from_pod::ct_key,
     lb,
-    maps::{CONFIG, CONNTRACK, DEVICES},
+    maps::{CONFIG, CONNTRACK, DEVICES, SOURCE_RANGES},
     metrics::count,
     nat::{self, End, rewrite_addr, rewrite_port},
     packet::Packet,
@@ -97,6 +99,15 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
     else {
         return Ok(Verdict::Pass);
     };
+    if service.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+        let key = Key::new(
+            64,
+            SourceRangeKey { service_id_be: service.service_id.to_be(), address_be: pkt.saddr_be },
+        );
+        if SOURCE_RANGES.get(&key).is_none() {
+            return Err(DROP_NOT_IN_SOURCE_RANGE);
+        }
+    }
     let (backend_id, backend) = lb::select_backend(&service, pkt.saddr_be, now)?;
     let mut svc = CtEntry {
         nat_addr_be: backend.address_be,

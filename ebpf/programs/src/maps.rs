@@ -9,7 +9,7 @@ use weir_abi::{
     capacity,
     config::Config,
     ct::{CtEntry, CtKey},
-    lb::{AffinityEntry, AffinityKey, Backend, Service, ServiceKey, SlotKey},
+    lb::{AffinityEntry, AffinityKey, Backend, Service, ServiceKey, SlotKey, SourceRangeKey},
     metrics::Counter,
     policy::{EndpointInfo, EndpointMetricKey, IpcacheEntry, IpcacheKey, PolicyEntry, PolicyKey},
 };
@@ -53,3 +53,6 @@ pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 
 #[map(name = "DEVICES_V1")]
 pub static DEVICES: HashMap<u32, u32> = HashMap::pinned(64, 0);
+
+#[map(name = "LB4_SRC_RANGE_V1")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(16_384, 0);
