@@ -5,11 +5,14 @@
 //!
 //! - 200 or 503 with `{"lastUpdated": "...","currentTime": "...", "nodeEligible": true}`
 //!   (`/livez` leaves out `nodeEligible`);
-//! - unhealthy until the first complete programming of the maps, and when a
-//!   queued change has waited longer than the health timeout;
-//! - `/healthz` is also unhealthy while the Node is being deleted or carries
-//!   the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint, so that
-//!   load balancers drain it first.
+//! - both are unhealthy when a queued change has waited longer than the
+//!   health timeout (the reconcile loop is stuck);
+//! - `/healthz` (readiness, and what load balancers probe) is also unhealthy
+//!   until the first complete programming of the maps, and while the Node is
+//!   being deleted or carries the cluster autoscaler's
+//!   `ToBeDeletedByClusterAutoscaler` taint, so that load balancers drain it
+//!   first. `/livez` is not: an agent waiting for an unreachable API server
+//!   keeps serving the pinned state, and a restart would not help it.
 //!
 //! Also the small HTTP/1 server that `/metrics` shares.
 
@@ -80,29 +83,37 @@ impl Health {
     }
 
     /// (healthy, lastUpdated, nodeEligible) at `now`.
-    fn check(&self, now: SystemTime) -> (bool, Option<SystemTime>, bool) {
+    fn check(&self, now: SystemTime) -> Check {
         let state = self.state();
-        let stuck = state
-            .oldest_pending
-            .is_some_and(|queued| now.duration_since(queued).is_ok_and(|waited| waited > self.timeout));
-        let healthy = state.last_updated.is_some() && !stuck;
-        (healthy, state.last_updated, !state.node_ineligible)
+        Check {
+            last_updated: state.last_updated,
+            stuck: state
+                .oldest_pending
+                .is_some_and(|queued| now.duration_since(queued).is_ok_and(|waited| waited > self.timeout)),
+            node_eligible: !state.node_ineligible,
+        }
     }
 
-    /// The `/healthz` (with `node_eligibility`) or `/livez` answer.
-    fn reply(&self, node_eligibility: bool) -> Reply {
+    /// The `/healthz` (`readiness`) or `/livez` answer. `/healthz` is also
+    /// unhealthy before the first sync and on an ineligible node; `/livez`
+    /// only when changes wait too long: an agent that cannot reach the API
+    /// server at start is not helped by a restart (and keeps serving the
+    /// pinned state meanwhile).
+    fn reply(&self, readiness: bool) -> Reply {
         let now = SystemTime::now();
-        let (healthy, mut last_updated, node_eligible) = self.check(now);
-        let healthy = healthy && (node_eligible || !node_eligibility);
+        let check = self.check(now);
+        let node_eligible = check.node_eligible;
+        let mut last_updated = check.last_updated;
+        let healthy = !check.stuck && (!readiness || (last_updated.is_some() && node_eligible));
         if healthy {
             // As kube-proxy: a healthy server reports lastUpdated = now, as
             // older releases did when they synced periodically.
             last_updated = Some(now);
         }
         let status = if healthy { 200 } else { 503 };
-        let counter = if node_eligibility { &self.metrics.healthz_total } else { &self.metrics.livez_total };
+        let counter = if readiness { &self.metrics.healthz_total } else { &self.metrics.livez_total };
         counter.get_or_create(&CodeLabel { code: status.to_string() }).inc();
-        let body = if node_eligibility {
+        let body = if readiness {
             format!(
                 r#"{{"lastUpdated": "{}","currentTime": "{}", "nodeEligible": {node_eligible}}}"#,
                 go_time(last_updated),
@@ -117,6 +128,14 @@ impl Health {
         };
         Reply { status, content_type: "application/json", body }
     }
+}
+
+/// The state behind a health answer.
+struct Check {
+    last_updated: Option<SystemTime>,
+    /// A change has waited longer than the health timeout.
+    stuck: bool,
+    node_eligible: bool,
 }
 
 /// A time as Go's `time.Time.String()` prints it in UTC, which is what
@@ -162,18 +181,59 @@ impl Reply {
     }
 }
 
-/// Binds `address` for one of the agent's HTTP endpoints. An empty address
-/// disables the endpoint (`Ok(None)`); port 0 picks a free port (logged).
-pub async fn bind(what: &str, address: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+/// Starts `/healthz`+`/livez` on `healthz_address` and `/metrics` on
+/// `metrics_address` on a thread of their own, so that they answer (503)
+/// while the main loop is busy, e.g. while the kernel verifies the programs
+/// at startup. Call it after entering the node's network namespace: the
+/// thread inherits it.
+pub fn start_servers(
+    healthz_address: String,
+    metrics_address: String,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("weir-http".to_owned()).spawn(move || {
+        runtime.block_on(async move {
+            spawn_server("health", healthz_address, move |listener| serve(listener, health));
+            spawn_server("metrics", metrics_address, move |listener| {
+                crate::metrics::serve(listener, metrics)
+            });
+            std::future::pending::<()>().await;
+        });
+    })?;
+    Ok(())
+}
+
+/// Runs one of the agent's HTTP endpoints on `address`: an empty address
+/// disables it, port 0 picks a free port (logged). A failure to bind is
+/// logged and retried every 5 s, as kube-proxy does: the datapath matters
+/// more than its probes.
+fn spawn_server<F, Fut>(what: &'static str, address: String, serve: F)
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     if address.is_empty() {
-        return Ok(None);
+        return;
     }
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding the {what} server to {address}: {e}"))?;
-    let local = listener.local_addr()?;
-    tracing::info!(address = %local, "serving {what}");
-    Ok(Some(listener))
+    tokio::spawn(async move {
+        loop {
+            match tokio::net::TcpListener::bind(&address).await {
+                Ok(listener) => {
+                    match listener.local_addr() {
+                        Ok(local) => tracing::info!(address = %local, "serving {what}"),
+                        Err(_) => tracing::info!(%address, "serving {what}"),
+                    }
+                    return serve(listener).await;
+                }
+                Err(err) => {
+                    warn!(%address, error = %err, "cannot serve {what}; retrying in 5 s");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+    });
 }
 
 /// A minimal HTTP/1.1 server: GET (and HEAD) of a path, answered by
@@ -243,7 +303,8 @@ mod tests {
     fn unhealthy_until_updated_and_when_stuck() {
         let metrics = Arc::new(Metrics::new(std::path::Path::new("/nonexistent")));
         let health = Health::new(Duration::from_secs(60), metrics);
-        assert_eq!(health.reply(true).status, 503);
+        assert_eq!(health.reply(true).status, 503, "not ready before the first sync");
+        assert_eq!(health.reply(false).status, 200, "but alive");
         health.queued();
         health.updated();
         let reply = health.reply(true);
@@ -254,6 +315,6 @@ mod tests {
         assert_eq!(health.reply(false).status, 200, "livez ignores eligibility");
         health.queued();
         let later = SystemTime::now() + Duration::from_secs(61);
-        assert!(!health.check(later).0, "a change pending too long is unhealthy");
+        assert!(health.check(later).stuck, "a change pending too long is unhealthy");
     }
 }

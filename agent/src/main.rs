@@ -7,6 +7,7 @@
 
 mod cluster;
 mod datapath;
+mod flows;
 mod health;
 mod lb;
 mod metrics;
@@ -93,9 +94,18 @@ struct Args {
     map_size_backends: u32,
     #[arg(long, default_value_t = capacity::CONNTRACK)]
     map_size_ct: u32,
+    /// How new connections pick a backend, unless a Service's
+    /// `weir.dev/lb-algorithm` annotation says otherwise.
+    #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
+    lb_algorithm: LbAlgorithm,
+    /// Entries of each Maglev table; a prime well above 100 × backends.
+    #[arg(long, default_value_t = lb::maglev::DEFAULT_TABLE_SIZE, value_parser = parse_prime)]
+    maglev_table_size: u32,
     /// Do not emit flow events from the datapath (for measuring their cost).
     #[arg(long)]
     no_flow_events: bool,
+    #[command(flatten)]
+    flows: flows::FlowArgs,
     #[arg(long, default_value_t = capacity::IPCACHE)]
     map_size_ipcache: u32,
     #[arg(long, default_value_t = capacity::POLICY)]
@@ -112,6 +122,24 @@ struct Args {
     /// Conntrack lifetime of UDP and other flows (seconds).
     #[arg(long, default_value_t = weir_abi::ct::lifetime::NON_TCP)]
     ct_lifetime_non_tcp: u32,
+}
+
+/// Backend selection for new connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LbAlgorithm {
+    /// A random backend (Cilium's default).
+    Random,
+    /// Maglev consistent hashing: the same backend on every node for a flow.
+    Maglev,
+}
+
+fn parse_prime(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if (251..=131_071).contains(&n) && lb::maglev::is_prime(n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not a prime between 251 and 131071"))
+    }
 }
 
 impl Args {
@@ -168,12 +196,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Health first: probes get 503 (not "connection refused") while loading.
     let metrics = Arc::new(Metrics::new(&args.bpffs_root));
     let health = Arc::new(Health::new(health::DEFAULT_TIMEOUT, metrics.clone()));
-    if let Some(listener) = health::bind("health", &args.healthz_bind_address).await? {
-        tokio::spawn(health::serve(listener, health.clone()));
-    }
-    if let Some(listener) = health::bind("metrics", &args.metrics_bind_address).await? {
-        tokio::spawn(metrics::serve(listener, metrics.clone()));
-    }
+    health::start_servers(
+        args.healthz_bind_address.clone(),
+        args.metrics_bind_address.clone(),
+        health.clone(),
+        metrics.clone(),
+    )
+    .context("starting the health and metrics servers")?;
 
     system::ensure_bpffs(&args.bpffs_root)?;
     let sizes = MapSizes {
@@ -186,7 +215,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut datapath = Datapath::load(&args.bpffs_root, sizes)?;
     datapath.write_config(&args.datapath_config())?;
-    let mut agent = node::Agent::adopt(args.node_name.clone(), datapath, args.hairpin_snat_ip)?;
+    let maglev = node::MaglevOptions {
+        by_default: args.lb_algorithm == LbAlgorithm::Maglev,
+        table_size: args.maglev_table_size,
+    };
+    let mut agent = node::Agent::adopt(args.node_name.clone(), datapath, args.hairpin_snat_ip, maglev)?;
+    let _flow_metrics =
+        flows::start(&args.flows, agent.datapath.take_events(), agent.names(), &args.bpffs_root)?;
 
     let kube_options =
         KubeOptions { kubeconfig: args.kubeconfig.clone(), api_server: args.api_server.clone() };

@@ -280,10 +280,18 @@ impl DatapathCollector {
                 continue;
             };
             let name = entry.file_name().to_string_lossy().into_owned();
+            // The info call does not check the object type: a pinned program
+            // or link would come back as nonsense. A map's kernel name is its
+            // pin name, truncated to 15 bytes.
+            if !info.name_as_str().is_some_and(|n| !n.is_empty() && name.starts_with(n)) {
+                continue;
+            }
             let capacity = u64::from(info.max_entries());
             let entries = match info.map_type() {
                 // Arrays always hold max_entries elements.
                 Ok(MapType::Array | MapType::PerCpuArray) => capacity,
+                // Ring and perf buffers have bytes or CPUs, not entries.
+                Ok(MapType::RingBuf | MapType::PerfEventArray) => continue,
                 _ => match info.fd() {
                     Ok(fd) => {
                         count_keys(fd.as_fd(), info.key_size() as usize, capacity).unwrap_or_else(|err| {

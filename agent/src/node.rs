@@ -43,13 +43,28 @@ pub struct Agent {
     hairpin_be: u32,
     /// The node's devices (name, address) as last seen.
     devices: Vec<(String, Ipv4Addr)>,
+    /// `--lb-algorithm maglev`.
+    maglev_by_default: bool,
+}
+
+/// Backend selection defaults (`--lb-algorithm`, `--maglev-table-size`).
+#[derive(Clone, Copy, Debug)]
+pub struct MaglevOptions {
+    pub by_default: bool,
+    pub table_size: u32,
 }
 
 impl Agent {
     /// Takes over what the maps and links already hold (from an earlier run),
     /// so the first reconciliation only writes differences.
-    pub fn adopt(node_name: String, datapath: Datapath, hairpin: Ipv4Addr) -> anyhow::Result<Self> {
-        let lb = datapath.adopt_lb_state()?;
+    pub fn adopt(
+        node_name: String,
+        datapath: Datapath,
+        hairpin: Ipv4Addr,
+        maglev: MaglevOptions,
+    ) -> anyhow::Result<Self> {
+        let mut lb = datapath.adopt_lb_state()?;
+        lb.set_maglev_table_size(maglev.table_size);
         let policy = datapath.adopt_policy_state()?;
         let (frontends, backends) = lb.len();
         info!(
@@ -72,6 +87,7 @@ impl Agent {
             udp_backends: HashMap::new(),
             hairpin_be: u32::from_ne_bytes(hairpin.octets()),
             devices: Vec::new(),
+            maglev_by_default: maglev.by_default,
         })
     }
 
@@ -217,6 +233,7 @@ impl Agent {
             &cluster.endpoint_slices,
             Some(&self.node_name),
             node_addresses,
+            self.maglev_by_default,
         );
         let report = self.lb.reconcile(&desired, &mut self.datapath);
         lb::sync::log_errors(&report);

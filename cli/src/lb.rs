@@ -7,7 +7,7 @@ use serde::Serialize;
 use weir_abi::{
     lb::{
         BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
-        SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT, Service, ServiceKey, SlotKey,
+        SVC_FLAG_EXTERNAL, SVC_FLAG_MAGLEV, SVC_FLAG_NODEPORT, Service, ServiceKey, SlotKey,
     },
     map_name, proto,
 };
@@ -87,6 +87,9 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
         }
         if svc.flags & SVC_FLAG_EXTERNAL != 0 {
             flags.push("ExternalIP");
+        }
+        if svc.flags & SVC_FLAG_MAGLEV != 0 {
+            flags.push("Maglev");
         }
         let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
         if affinity {

@@ -5,6 +5,7 @@ mod ct;
 mod lb;
 mod maps;
 mod metrics;
+mod observe;
 mod output;
 mod policy;
 mod statefile;
@@ -40,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: ListOnly,
     },
+    /// SNAT translations of north-south connections to remote backends.
+    Nat {
+        #[command(subcommand)]
+        command: ListOnly,
+    },
     /// Datapath counters by reason (forwarding events and drops).
     Metrics {
         #[command(subcommand)]
@@ -59,6 +65,12 @@ enum Command {
     Identity {
         #[command(subcommand)]
         command: ListOnly,
+    },
+    /// Observe flows through the running agent, like `hubble observe` (see `weir observe --help`).
+    #[command(disable_help_flag = true)]
+    Observe {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
     },
 }
 
@@ -81,16 +93,22 @@ fn main() -> ExitCode {
     // Die quietly when the reader of our output goes away (`weir ct list | head`).
     // SAFETY: setting a signal disposition before any other thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // `weir observe` has hubble's flags (its own -o); it is parsed apart.
+    if let Some(code) = observe::dispatch() {
+        return code;
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Lb { command: ListOnly::List } => lb::list(&cli.bpffs_root, cli.output),
         Command::Ct { command: ListOnly::List } => ct::list(&cli.bpffs_root, cli.output),
+        Command::Nat { command: ListOnly::List } => ct::nat_list(&cli.bpffs_root, cli.output),
         Command::Metrics { command: ListOnly::List } => metrics::list(&cli.bpffs_root, cli.output),
         Command::Policy { command: PolicyCommand::Get { endpoint } } => {
             policy::get(&cli.bpffs_root, endpoint.as_deref(), cli.output)
         }
         Command::Ipcache { command: ListOnly::List } => policy::ipcache_list(&cli.bpffs_root, cli.output),
         Command::Identity { command: ListOnly::List } => policy::identity_list(&cli.bpffs_root, cli.output),
+        Command::Observe { .. } => Err(anyhow::anyhow!("put global flags before `observe`")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -444,7 +444,12 @@ impl ApiServer {
             .and_then(|p| p["metadata"]["creationTimestamp"].as_str())
             .map(str::to_owned)
             .unwrap_or_else(now_rfc3339);
-        let generation = previous.and_then(|p| p["metadata"]["generation"].as_u64()).map_or(1, |g| g + 1);
+        // As the real server: the generation counts changes of the spec.
+        let generation = match previous {
+            Some(p) if p["spec"] == object["spec"] => p["metadata"]["generation"].as_u64().unwrap_or(1),
+            Some(p) => p["metadata"]["generation"].as_u64().map_or(1, |g| g + 1),
+            None => 1,
+        };
         if !object["metadata"].is_object() {
             object["metadata"] = json!({});
         }

@@ -212,3 +212,53 @@ fn connections_to_services_without_endpoints_are_refused() -> Result<()> {
     }
     Ok(())
 }
+
+/// `weir.dev/lb-algorithm: maglev`: the backend is a function of the flow,
+/// so the same client address and port always land on the same backend
+/// (with random selection, 12 connections from one port would spread).
+#[test]
+fn maglev_picks_the_same_backend_for_the_same_flow() -> Result<()> {
+    let mut bed = TestBed::new()?;
+    let client = bed.add_pod("client")?;
+    let backends: Vec<_> = (0..3).map(|i| bed.add_pod(&format!("mg{i}"))).collect::<Result<_>>()?;
+    let _servers: Vec<_> =
+        backends.iter().map(|b| TcpServer::start(b, 8080, TcpMode::Lines)).collect::<Result<_>>()?;
+    let vip = Ipv4Addr::new(10, 96, 0, 81);
+    let ports = [ServicePort::tcp("http", 80, 8080)];
+    let endpoints: Vec<Endpoint> =
+        backends.iter().map(|b| Endpoint::for_pod(b.ip(), b.name(), bed.node().name())).collect();
+    let mut svc = service(NAMESPACE, "hashed", &vip.to_string(), &ports);
+    svc["metadata"]["annotations"] = serde_json::json!({"weir.dev/lb-algorithm": "maglev"});
+    bed.manifests()
+        .write("hashed.yaml", &[svc, endpoint_slice(NAMESPACE, "hashed", "s1", &endpoints, &ports)])?;
+    let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.ip()).collect();
+    let row = bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &ips)?;
+    ensure!(row.flags.iter().any(|f| f == "Maglev"), "lb list shows Maglev: {row:?}");
+    bed.wait_attached()?;
+    bed.wait_tcp(&client, SocketAddrV4::new(vip, 80))?;
+
+    // Each connection from the same source port, closed with a reset so the
+    // port is free again at once (no TIME_WAIT).
+    let from_port = |port: u16| -> Result<String> {
+        let stream = client.run(move || -> std::io::Result<std::net::TcpStream> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
+            socket.connect_timeout(&SocketAddrV4::new(vip, 80).into(), DEFAULT_TIMEOUT)?;
+            socket.set_linger(Some(Duration::ZERO))?;
+            Ok(socket.into())
+        })??;
+        let mut conn = weir_tests::clients::TcpConn::from_stream(stream, DEFAULT_TIMEOUT)?;
+        conn.exchange()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for port in [40001, 40002, 40003, 40004] {
+        let first = from_port(port)?;
+        for _ in 0..3 {
+            ensure!(from_port(port)? == first, "port {port}: the flow moved off {first}");
+        }
+        seen.insert(first);
+    }
+    ensure!(!seen.is_empty());
+    Ok(())
+}

@@ -22,7 +22,7 @@ use ipnetwork::Ipv4Network;
 use weir_abi::{
     config::Config,
     ct::{CtEntry, CtKey},
-    lb::{Backend, Service, ServiceKey, SlotKey, SourceRangeKey},
+    lb::{Backend, MaglevKey, Service, ServiceKey, SlotKey, SourceRangeKey},
     map_name,
     policy::{EndpointInfo, IpcacheEntry, IpcacheKey, PolicyEntry, PolicyKey},
 };
@@ -68,6 +68,7 @@ pub struct Datapath {
     events: Option<RingBuf<MapData>>,
     devices: HashMap<MapData, u32, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    maglev: HashMap<MapData, MaglevKey, u32>,
     root: PathBuf,
 }
 
@@ -112,6 +113,7 @@ impl Datapath {
             events: Some(take(&mut ebpf, map_name::EVENTS)?),
             devices: take(&mut ebpf, map_name::DEVICES)?,
             source_ranges: take(&mut ebpf, map_name::SOURCE_RANGES)?,
+            maglev: take(&mut ebpf, map_name::MAGLEV)?,
             ebpf,
             root: root.to_owned(),
         })
@@ -157,7 +159,8 @@ impl Datapath {
                 let prefix = k.prefix_len().checked_sub(32)? as u8;
                 Some((u32::from_be(data.service_id_be), Ipv4Network::new(addr, prefix).ok()?))
             });
-        Ok(LbState::adopt(services, slots, backends, ranges))
+        let maglev = self.maglev.iter().collect::<Result<Vec<_>, _>>().context("reading Maglev tables")?;
+        Ok(LbState::adopt(services, slots, backends, ranges, maglev))
     }
 
     /// Makes the devices map hold exactly `devices` (ifindex → address).
@@ -238,6 +241,12 @@ impl LbMaps for Datapath {
     }
     fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapWriteError> {
         self.backends.insert(id, value, 0).map_err(|e| write_error(map_name::BACKENDS, "update", e))
+    }
+    fn put_maglev(&mut self, key: MaglevKey, backend_id: u32) -> Result<(), MapWriteError> {
+        self.maglev.insert(key, backend_id, 0).map_err(|e| write_error(map_name::MAGLEV, "update", e))
+    }
+    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), MapWriteError> {
+        ignore_absent(self.maglev.remove(&key)).map_err(|e| write_error(map_name::MAGLEV, "delete", e))
     }
     fn put_source_range(&mut self, service_id: u32, range: Ipv4Network) -> Result<(), MapWriteError> {
         self.source_ranges

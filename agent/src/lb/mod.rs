@@ -1,6 +1,7 @@
 //! Service load balancing: what the maps should hold (`translate`) and how to
 //! get them there with the fewest writes (`sync`).
 
+pub mod maglev;
 pub mod sync;
 pub mod translate;
 

@@ -13,11 +13,12 @@ use ipnetwork::Ipv4Network;
 
 use tracing::warn;
 use weir_abi::lb::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_AFFINITY, Service, ServiceKey, SlotKey,
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, MaglevKey, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
+    Service, ServiceKey, SlotKey,
 };
 
 use super::{
-    BackendAddr, Frontend,
+    BackendAddr, Frontend, maglev,
     translate::{Desired, FrontendSpec},
 };
 
@@ -41,6 +42,8 @@ pub trait LbMaps {
     fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapWriteError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError>;
     fn put_source_range(&mut self, service_id: u32, range: Ipv4Network) -> Result<(), MapWriteError>;
+    fn put_maglev(&mut self, key: MaglevKey, backend_id: u32) -> Result<(), MapWriteError>;
+    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), MapWriteError>;
     fn delete_source_range(&mut self, service_id: u32, range: Ipv4Network) -> Result<(), MapWriteError>;
 }
 
@@ -79,6 +82,10 @@ pub struct LbState {
     service_ids: HashSet<u32>,
     /// `loadBalancerSourceRanges` entries as written, by service id.
     source_ranges: BTreeMap<u32, BTreeSet<Ipv4Network>>,
+    /// Maglev tables as written (backend id per entry), by service id.
+    maglev: HashMap<u32, Vec<u32>>,
+    /// Entries of each Maglev table (prime).
+    maglev_table_size: u32,
     next_service_id: u32,
     next_backend_id: u32,
 }
@@ -102,8 +109,19 @@ impl LbState {
         slots: impl IntoIterator<Item = (SlotKey, u32)>,
         backends: impl IntoIterator<Item = (u32, Backend)>,
         source_ranges: impl IntoIterator<Item = (u32, Ipv4Network)>,
+        maglev: impl IntoIterator<Item = (MaglevKey, u32)>,
     ) -> Self {
-        let mut state = Self::default();
+        let mut state = Self { maglev_table_size: maglev::DEFAULT_TABLE_SIZE, ..Self::default() };
+        let mut tables: HashMap<u32, BTreeMap<u32, u32>> = HashMap::new();
+        for (key, id) in maglev {
+            tables.entry(key.service_id).or_default().insert(key.index, id);
+        }
+        for (service_id, entries) in tables {
+            // A table with a hole (a crash mid-write) is rewritten whole.
+            let size = entries.len();
+            let dense: Vec<u32> = (0..size as u32).map(|i| entries.get(&i).copied().unwrap_or(0)).collect();
+            state.maglev.insert(service_id, dense);
+        }
         for (service_id, range) in source_ranges {
             state.source_ranges.entry(service_id).or_default().insert(range);
         }
@@ -136,6 +154,11 @@ impl LbState {
             state.backends.insert(id, backend);
         }
         state
+    }
+
+    /// Sets the size of new and rewritten Maglev tables (a prime).
+    pub fn set_maglev_table_size(&mut self, size: u32) {
+        self.maglev_table_size = size;
     }
 
     /// The service id of a frontend, as written.
@@ -299,13 +322,37 @@ impl LbState {
                 written.insert(*range);
             }
         }
+        // The Maglev table, likewise before the flag; built from backend
+        // names so that every node builds the same one.
+        let table_size =
+            if self.maglev_table_size == 0 { maglev::DEFAULT_TABLE_SIZE } else { self.maglev_table_size };
+        let maglev_size = if spec.maglev && !backends.is_empty() { table_size } else { 0 };
+        let want_table: Vec<u32> = if maglev_size == 0 {
+            Vec::new()
+        } else {
+            let ids: BTreeMap<String, u32> =
+                backends.iter().zip(&want).map(|(addr, id)| (addr.to_string(), *id)).collect();
+            let names: Vec<String> = ids.keys().cloned().collect();
+            maglev::table(&names, maglev_size).into_iter().map(|i| ids[&names[i]]).collect()
+        };
+        let written = self.maglev.entry(service_id).or_default();
+        for (index, id) in want_table.iter().enumerate() {
+            if written.get(index) != Some(id) {
+                maps.put_maglev(MaglevKey { service_id, index: index as u32 }, *id)?;
+                report.writes += 1;
+                match written.get_mut(index) {
+                    Some(slot) => *slot = *id,
+                    None => written.push(*id),
+                }
+            }
+        }
         let entry = self.services.get_mut(&key).expect("inserted above");
         let value = Service {
             service_id: entry.service_id,
             count,
-            flags: spec.flags | affinity_flag,
+            flags: spec.flags | affinity_flag | if maglev_size != 0 { SVC_FLAG_MAGLEV } else { 0 },
             affinity_timeout,
-            _pad: 0,
+            maglev_table_size: maglev_size,
         };
         if entry.written != Some(value) {
             maps.put_service(&key, &value)?;
@@ -321,6 +368,13 @@ impl LbState {
             maps.delete_source_range(service_id, range)?;
             report.deletes += 1;
             self.source_ranges.get_mut(&service_id).map(|set| set.remove(&range));
+        }
+        let written = self.maglev.entry(service_id).or_default();
+        while written.len() > want_table.len() {
+            let index = written.len() as u32 - 1;
+            maps.delete_maglev(MaglevKey { service_id, index })?;
+            report.deletes += 1;
+            written.pop();
         }
         let entry = self.services.get_mut(&key).expect("inserted above");
         // 3. Then the slots beyond the count, which nothing reads any more.
@@ -354,6 +408,14 @@ impl LbState {
             entry.slots.pop();
         }
         let service_id = entry.service_id;
+        while let Some(written) = self.maglev.get_mut(&service_id)
+            && !written.is_empty()
+        {
+            maps.delete_maglev(MaglevKey { service_id, index: written.len() as u32 - 1 })?;
+            report.deletes += 1;
+            written.pop();
+        }
+        self.maglev.remove(&service_id);
         for range in self.source_ranges.remove(&service_id).unwrap_or_default() {
             if let Err(err) = maps.delete_source_range(service_id, range) {
                 self.source_ranges.entry(service_id).or_default().insert(range);
@@ -417,6 +479,7 @@ mod tests {
         backends: BTreeMap<u32, Backend>,
         service_capacity: Option<usize>,
         ranges: BTreeSet<(u32, Ipv4Network)>,
+        maglev: BTreeMap<MaglevKey, u32>,
         writes: usize,
     }
 
@@ -456,6 +519,16 @@ mod tests {
         fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError> {
             self.writes += 1;
             self.backends.remove(&id);
+            Ok(())
+        }
+        fn put_maglev(&mut self, key: MaglevKey, backend_id: u32) -> Result<(), MapWriteError> {
+            self.writes += 1;
+            self.maglev.insert(key, backend_id);
+            Ok(())
+        }
+        fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), MapWriteError> {
+            self.writes += 1;
+            self.maglev.remove(&key);
             Ok(())
         }
         fn put_source_range(&mut self, service_id: u32, range: Ipv4Network) -> Result<(), MapWriteError> {
@@ -499,6 +572,7 @@ mod tests {
                 self.slots.iter().map(|(k, v)| (*k, *v)),
                 self.backends.iter().map(|(k, v)| (*k, *v)),
                 self.ranges.iter().copied(),
+                self.maglev.iter().map(|(k, v)| (*k, *v)),
             )
         }
     }
@@ -613,6 +687,38 @@ mod tests {
         state.reconcile(&want, &mut maps);
         assert_eq!(maps.services.values().next().unwrap().count, 0);
         assert!(maps.slots.is_empty() && maps.backends.is_empty());
+    }
+
+    #[test]
+    fn maglev_tables_are_written_and_follow_backend_changes() {
+        let (mut maps, mut state) = (MemMaps::default(), LbState::default());
+        state.set_maglev_table_size(251);
+        let mut want = desired(&[(frontend("10.96.0.1", 80), backends(1..=4))]);
+        want.values_mut().for_each(|s| s.maglev = true);
+        state.reconcile(&want, &mut maps);
+        let svc = *maps.services.values().next().unwrap();
+        assert_eq!((svc.flags & SVC_FLAG_MAGLEV, svc.maglev_table_size), (SVC_FLAG_MAGLEV, 251));
+        assert_eq!(maps.maglev.len(), 251);
+        let before = maps.maglev.clone();
+
+        let mut fewer = desired(&[(frontend("10.96.0.1", 80), backends([1, 2, 4]))]);
+        fewer.values_mut().for_each(|s| s.maglev = true);
+        state.reconcile(&fewer, &mut maps);
+        let changed = maps.maglev.iter().filter(|(k, v)| before.get(k) != Some(v)).count();
+        assert!(changed < 251 / 3 + 30, "only about the removed backend's quarter moves: {changed}");
+        assert_serves(&maps, &fewer);
+
+        let restarted_writes = {
+            let mut restarted = maps.adopt();
+            restarted.set_maglev_table_size(251);
+            let before = maps.writes;
+            restarted.reconcile(&fewer, &mut maps);
+            maps.writes - before
+        };
+        assert_eq!(restarted_writes, 0, "a restart adopts the table");
+
+        state.reconcile(&desired(&[]), &mut maps);
+        assert!(maps.maglev.is_empty(), "removing the frontend removes its table");
     }
 
     #[test]

@@ -12,6 +12,10 @@ use weir_abi::lb::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT, SV
 
 use super::{BackendAddr, Frontend};
 
+/// Per-service choice of backend selection: `maglev` or `random` (Cilium's
+/// `service.cilium.io/lb-algorithm`).
+pub const LB_ALGORITHM_ANNOTATION: &str = "weir.dev/lb-algorithm";
+
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -30,6 +34,9 @@ pub struct FrontendSpec {
     /// What kind of frontend: `SVC_FLAG_CLUSTER_IP`, `_NODEPORT` or
     /// `_EXTERNAL`, with `_SOURCE_RANGES` when `source_ranges` applies.
     pub flags: u16,
+    /// Choose backends by Maglev consistent hashing (the service's
+    /// `weir.dev/lb-algorithm` annotation, else the agent's default).
+    pub maglev: bool,
     /// `loadBalancerSourceRanges` (LoadBalancer IPs only, as kube-proxy:
     /// NodePorts and external IPs are not restricted).
     pub source_ranges: Vec<ipnetwork::Ipv4Network>,
@@ -97,7 +104,7 @@ fn namespace_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectM
 /// not false (unset means ready), and only its first address counts.
 #[cfg(test)]
 pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desired {
-    desired_frontends_on(services, slices, None, &[])
+    desired_frontends_on(services, slices, None, &[], false)
 }
 
 /// [`desired_frontends`] as seen from `node`: Services with
@@ -109,6 +116,7 @@ pub fn desired_frontends_on(
     slices: &[EndpointSlice],
     node: Option<&str>,
     node_addresses: &[Ipv4Addr],
+    maglev_by_default: bool,
 ) -> Desired {
     // (namespace, service name) → slices
     let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
@@ -132,6 +140,10 @@ pub fn desired_frontends_on(
             continue;
         };
         let service_slices = slices_by_service.get(&(namespace.clone(), name.clone()));
+        let maglev = match svc.metadata.annotations.as_ref().and_then(|a| a.get(LB_ALGORITHM_ANNOTATION)) {
+            Some(algorithm) => algorithm == "maglev",
+            None => maglev_by_default,
+        };
         let spec = svc.spec.as_ref();
         let internal_local = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
         let external_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
@@ -212,6 +224,7 @@ pub fn desired_frontends_on(
                         backends,
                         terminating,
                         affinity_timeout: affinity_timeout(svc),
+                        maglev,
                         flags,
                         source_ranges: if ranged { source_ranges.clone() } else { Vec::new() },
                     },
@@ -329,9 +342,9 @@ endpoints:
         slice.endpoints[0].node_name = Some("n1".into());
         slice.endpoints[1].node_name = Some("n2".into());
         let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6 };
-        let on_n1 = desired_frontends_on(&[svc.clone()], &[slice.clone()], Some("n1"), &[]);
+        let on_n1 = desired_frontends_on(&[svc.clone()], &[slice.clone()], Some("n1"), &[], false);
         assert_eq!(on_n1[&http].backends, [backend("10.244.0.2", 8080, 6)].into());
-        let on_n3 = desired_frontends_on(&[svc], &[slice], Some("n3"), &[]);
+        let on_n3 = desired_frontends_on(&[svc], &[slice], Some("n3"), &[], false);
         assert!(on_n3[&http].backends.is_empty(), "no local endpoint: no backend, traffic dropped");
     }
 
@@ -353,7 +366,7 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.9}]}}
         slice.endpoints[0].node_name = Some("n1".into());
         slice.endpoints[1].node_name = Some("n2".into());
         let node_ip: Ipv4Addr = "192.0.2.1".parse().unwrap();
-        let d = desired_frontends_on(&[svc], &[slice], Some("n1"), &[node_ip]);
+        let d = desired_frontends_on(&[svc], &[slice], Some("n1"), &[node_ip], false);
         let fe = |ip: &str, port| Frontend { address: ip.parse().unwrap(), port, proto: 6 };
         assert_eq!(d[&fe("10.96.0.10", 80)].flags, SVC_FLAG_CLUSTER_IP);
         assert_eq!(d[&fe("10.96.0.10", 80)].backends.len(), 2, "eTP does not apply to ClusterIP traffic");

@@ -17,11 +17,14 @@
 //! - Failures are retried with kube's default backoff (0.8 s doubling to
 //!   30 s), logged, and counted; the stores, and so the maps, keep their last
 //!   state meanwhile.
-//! - Changes are batched: the state is handed out [`BATCH`] after the first
-//!   change of a batch.
+//! - Changes are batched: the state is handed out at most once per
+//!   [`BATCH`]. A change after a quiet period goes out at once; changes that
+//!   arrive while one is being applied, or within [`BATCH`] of the last
+//!   hand-out, go out together when the window ends (kube-proxy's
+//!   `minSyncPeriod`, as a bounded-frequency runner).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt::Debug,
     path::PathBuf,
     sync::{
@@ -61,7 +64,7 @@ use crate::{
     metrics::{KindLabel, Metrics},
 };
 
-/// How long changes are gathered before the state is handed out.
+/// The shortest interval between two hand-outs of the state.
 pub const BATCH: Duration = Duration::from_millis(50);
 
 /// The annotation kube-proxy measures network programming latency from.
@@ -136,7 +139,14 @@ struct Watched<K: Resource<DynamicType = ()> + Clone + 'static> {
 
 impl<K> Watched<K>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + serde::Serialize
+        + Debug
+        + Send
+        + Sync
+        + 'static,
 {
     /// Starts watching every `K` in the cluster; every change to the store
     /// bumps `notify`.
@@ -155,6 +165,11 @@ where
             async move {
                 let mut stream = std::pin::pin!(stream);
                 let mut failing = false;
+                // What Weir reads of each object (after trimming), to ignore
+                // updates that change nothing of it: Pod and Node status
+                // churn would otherwise cause a full reconciliation each.
+                let mut seen: HashMap<String, u64> = HashMap::new();
+                let mut listing: HashMap<String, u64> = HashMap::new();
                 while let Some(event) = stream.next().await {
                     let event = match event {
                         Ok(event) => event,
@@ -171,33 +186,49 @@ where
                             continue;
                         }
                     };
-                    if failing {
+                    // Init comes before the list request: not yet a success.
+                    if failing && !matches!(event, watcher::Event::Init) {
                         failing = false;
                         info!(%kind, "watch recovered");
                     }
                     match &event {
                         watcher::Event::Init => {
                             debug!(%kind, "listing");
+                            listing.clear();
                             continue;
                         }
                         // The store changes only at InitDone.
-                        watcher::Event::InitApply(_) => continue,
+                        watcher::Event::InitApply(object) => {
+                            listing.insert(object_key(object), fingerprint(object));
+                            continue;
+                        }
                         watcher::Event::InitDone => {
+                            seen = std::mem::take(&mut listing);
                             shared.metrics.relists.get_or_create(&KindLabel { kind: kind.to_string() }).inc();
                             let first = !ready.swap(true, Ordering::SeqCst);
                             info!(%kind, objects = store.len(), "{}", if first { "listed" } else { "listed again" });
                         }
-                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => match counted {
-                            Counted::Services => {
-                                shared.metrics.service_changes_pending.inc();
-                                shared.metrics.service_changes_total.inc();
+                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                            if let watcher::Event::Apply(object) = &event {
+                                let print = fingerprint(object);
+                                if seen.insert(object_key(object), print) == Some(print) {
+                                    continue;
+                                }
+                            } else if let watcher::Event::Delete(object) = &event {
+                                seen.remove(&object_key(object));
                             }
-                            Counted::Endpoints => {
-                                shared.metrics.endpoint_changes_pending.inc();
-                                shared.metrics.endpoint_changes_total.inc();
+                            match counted {
+                                Counted::Services => {
+                                    shared.metrics.service_changes_pending.inc();
+                                    shared.metrics.service_changes_total.inc();
+                                }
+                                Counted::Endpoints => {
+                                    shared.metrics.endpoint_changes_pending.inc();
+                                    shared.metrics.endpoint_changes_total.inc();
+                                }
+                                Counted::No => {}
                             }
-                            Counted::No => {}
-                        },
+                        }
                     }
                     shared.health.queued();
                     shared.notify.send_modify(|n| *n = n.wrapping_add(1));
@@ -223,6 +254,24 @@ where
     }
 }
 
+/// `namespace/name`.
+fn object_key<K: Resource>(object: &K) -> String {
+    let meta = object.meta();
+    format!("{}/{}", meta.namespace.as_deref().unwrap_or(""), meta.name.as_deref().unwrap_or(""))
+}
+
+/// A hash of everything but the resourceVersion and generation (which change
+/// with writes to fields the trimming removed).
+fn fingerprint<K: Resource + Clone + serde::Serialize>(object: &K) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut object = object.clone();
+    object.meta_mut().resource_version = None;
+    object.meta_mut().generation = None;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(&object).unwrap_or_default().hash(&mut hasher);
+    hasher.finish()
+}
+
 /// What the watch tasks share with the source.
 #[derive(Clone)]
 struct Shared {
@@ -242,9 +291,8 @@ pub struct KubeSource {
     metrics: Arc<Metrics>,
     /// A change was seen since the state was last handed out.
     dirty: bool,
-    /// When the current batch is handed out.
-    batch_deadline: Option<Instant>,
-    delivered: bool,
+    /// When the state was last handed out (`None`: never).
+    delivered_at: Option<Instant>,
     closed: bool,
     /// Pending-change gauges as they were when the state was last handed
     /// out: [`KubeSource::programmed`] takes them off.
@@ -299,8 +347,7 @@ impl KubeSource {
             changes,
             metrics,
             dirty: false,
-            batch_deadline: None,
-            delivered: false,
+            delivered_at: None,
             closed: false,
             handed_out: (0, 0),
             reported: HashSet::new(),
@@ -334,17 +381,20 @@ impl KubeSource {
                 self.changes.borrow_and_update();
                 self.dirty = true;
             }
-            if self.all_ready() && (self.dirty || !self.delivered) {
-                let deadline = *self.batch_deadline.get_or_insert_with(|| Instant::now() + BATCH);
+            if self.all_ready() && (self.dirty || self.delivered_at.is_none()) {
+                let deadline = self.delivered_at.map_or_else(Instant::now, |at| at + BATCH);
                 tokio::select! {
+                    biased;
                     () = tokio::time::sleep_until(deadline) => {
                         // Mark what is about to be read as seen: a change
-                        // after this point starts the next batch.
+                        // after this point goes out with the next batch.
                         self.changes.borrow_and_update();
                         self.dirty = false;
-                        self.batch_deadline = None;
-                        self.delivered = true;
-                        return Ok(self.cluster());
+                        self.delivered_at = Some(Instant::now());
+                        let started = std::time::Instant::now();
+                        let cluster = self.cluster();
+                        debug!(elapsed_us = started.elapsed().as_micros() as u64, "cluster state read from the stores");
+                        return Ok(cluster);
                     }
                     changed = self.changes.changed() => {
                         if changed.is_err() {

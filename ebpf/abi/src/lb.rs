@@ -32,6 +32,34 @@ pub const SVC_FLAG_EXTERNAL: u16 = 1 << 3;
 /// A LoadBalancer IP with `loadBalancerSourceRanges`: only clients in the
 /// ranges (the source-ranges map) may connect.
 pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 4;
+/// Backends are chosen by Maglev consistent hashing of the flow instead of
+/// at random: every node picks the same backend for the same flow, and
+/// removing one of N backends moves about 1/N of the flows.
+pub const SVC_FLAG_MAGLEV: u16 = 1 << 5;
+
+/// Key of the Maglev map: entry `index` of a service's lookup table; the
+/// value is a backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub service_id: u32,
+    pub index: u32,
+}
+const _: () = assert!(core::mem::size_of::<MaglevKey>() == 8);
+
+/// The flow hash Maglev indexes its table with: the same on every node, so
+/// that two nodes send a flow to the same backend. A multiply-xorshift mix
+/// of the 5-tuple (network-order fields as the packet carries them).
+#[inline(always)]
+pub const fn flow_hash(saddr_be: u32, daddr_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> u32 {
+    let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
+    h = (h ^ saddr_be as u64).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h = (h ^ daddr_be as u64).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h = (h ^ ((sport_be as u64) << 16 | dport_be as u64)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h = (h ^ proto as u64).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    (h ^ (h >> 33)) as u32
+}
+
 /// Frontends served to traffic from outside the node (north-south).
 pub const SVC_FLAGS_NORTH_SOUTH: u16 = SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL;
 
@@ -48,7 +76,8 @@ pub struct Service {
     pub flags: u16,
     /// Seconds, with `SVC_FLAG_AFFINITY`.
     pub affinity_timeout: u32,
-    pub _pad: u32,
+    /// Entries of the service's Maglev table (a prime), with `SVC_FLAG_MAGLEV`.
+    pub maglev_table_size: u32,
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
 
@@ -119,4 +148,5 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl aya::Pod for super::MaglevKey {}
 }

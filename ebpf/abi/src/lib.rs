@@ -68,10 +68,12 @@ pub mod map_name {
     pub const DEVICES: &str = "DEVICES_V1";
     /// LPM trie: [`crate::lb::SourceRangeKey`] → `u8` (present = allowed).
     pub const SOURCE_RANGES: &str = "LB4_SRC_RANGE_V1";
+    /// [`crate::lb::MaglevKey`] → backend id (`u32`).
+    pub const MAGLEV: &str = "LB4_MAGLEV_V1";
     /// Ring buffer of [`crate::events::FlowEvent`].
     pub const EVENTS: &str = "EVENTS_V1";
 
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -86,6 +88,7 @@ pub mod map_name {
         AFFINITY,
         DEVICES,
         SOURCE_RANGES,
+        MAGLEV,
     ];
 }
 
@@ -99,6 +102,9 @@ pub mod capacity {
     pub const BACKENDS: u32 = 65_536;
     /// Session-affinity entries (client, service); Cilium's default is 64k.
     pub const AFFINITY: u32 = 65_536;
+    /// Maglev table entries over all Maglev services (a 1021-entry table
+    /// each by default: 256 services).
+    pub const MAGLEV: u32 = 262_144;
     /// Conntrack entries; each service connection takes two.
     pub const CONNTRACK: u32 = 262_144;
     /// One counter per reason code.

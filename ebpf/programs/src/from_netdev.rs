@@ -29,7 +29,7 @@ use crate::{
     maps::{CONFIG, CONNTRACK, DEVICES, SOURCE_RANGES},
     metrics::count,
     nat::{self, End, rewrite_addr, rewrite_port},
-    packet::Packet,
+    packet::{Packet, packet_hash},
     policy,
 };
 
@@ -108,7 +108,7 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
             return Err(DROP_NOT_IN_SOURCE_RANGE);
         }
     }
-    let (backend_id, backend) = lb::select_backend(&service, pkt.saddr_be, now)?;
+    let (backend_id, backend) = lb::select_backend(&service, pkt.saddr_be, now, packet_hash(pkt))?;
     let mut svc = CtEntry {
         nat_addr_be: backend.address_be,
         nat_port_be: backend.port_be,

@@ -24,7 +24,7 @@ use crate::{
     maps::{CONFIG, CONNTRACK},
     metrics::count,
     nat::{self, End, rewrite_addr, rewrite_port},
-    packet::Packet,
+    packet::{Packet, packet_hash},
     policy,
 };
 
@@ -156,7 +156,7 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
     let service = if pkt.can_nat { lb::lookup_service(pkt.daddr_be, pkt.dport_be, pkt.proto) } else { None };
     let (target_be, target_port_be, backend) = match &service {
         Some(service) => {
-            let (backend_id, backend) = lb::select_backend(service, pkt.saddr_be, now)?;
+            let (backend_id, backend) = lb::select_backend(service, pkt.saddr_be, now, packet_hash(pkt))?;
             (backend.address_be, backend.port_be, Some((service.service_id, backend_id)))
         }
         None => {

@@ -2,11 +2,14 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use weir_abi::{
-    lb::{AffinityEntry, AffinityKey, Backend, SVC_FLAG_AFFINITY, Service, ServiceKey, SlotKey},
+    lb::{
+        AffinityEntry, AffinityKey, Backend, MaglevKey, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, Service,
+        ServiceKey, SlotKey,
+    },
     metrics::DROP_NO_SERVICE,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, SERVICES, SLOTS};
+use crate::maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SLOTS};
 
 #[inline(always)]
 pub fn lookup_service(address_be: u32, port_be: u16, proto: u8) -> Option<Service> {
@@ -36,9 +39,21 @@ fn affine_slot(svc: &Service, client_be: u32, now: u32) -> Option<u32> {
 /// (Cilium's `lb4_select_backend_id_random`). Returns the backend id and its
 /// address.
 #[inline(always)]
-pub fn select_backend(svc: &Service, client_be: u32, now: u32) -> Result<(u32, Backend), u32> {
+pub fn select_backend(
+    svc: &Service,
+    client_be: u32,
+    now: u32,
+    flow_hash: u32,
+) -> Result<(u32, Backend), u32> {
     if svc.count == 0 {
         return Err(DROP_NO_SERVICE);
+    }
+    if svc.flags & SVC_FLAG_MAGLEV != 0 && svc.maglev_table_size != 0 {
+        let key = MaglevKey { service_id: svc.service_id, index: flow_hash % svc.maglev_table_size };
+        // SAFETY: values are copied out at once.
+        let backend_id = MAGLEV.get_ptr(&key).map(|id| unsafe { *id }).ok_or(DROP_NO_SERVICE)?;
+        let backend = BACKENDS.get_ptr(&backend_id).map(|be| unsafe { *be }).ok_or(DROP_NO_SERVICE)?;
+        return Ok((backend_id, backend));
     }
     let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
     let slot = match affinity.then(|| affine_slot(svc, client_be, now)).flatten() {

@@ -9,7 +9,7 @@ use weir_abi::{
     capacity,
     config::Config,
     ct::{CtEntry, CtKey},
-    lb::{AffinityEntry, AffinityKey, Backend, Service, ServiceKey, SlotKey, SourceRangeKey},
+    lb::{AffinityEntry, AffinityKey, Backend, MaglevKey, Service, ServiceKey, SlotKey, SourceRangeKey},
     metrics::Counter,
     policy::{EndpointInfo, EndpointMetricKey, IpcacheEntry, IpcacheKey, PolicyEntry, PolicyKey},
 };
@@ -56,3 +56,6 @@ pub static DEVICES: HashMap<u32, u32> = HashMap::pinned(64, 0);
 
 #[map(name = "LB4_SRC_RANGE_V1")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(16_384, 0);
+
+#[map(name = "LB4_MAGLEV_V1")]
+pub static MAGLEV: HashMap<MaglevKey, u32> = HashMap::pinned(capacity::MAGLEV, 0);

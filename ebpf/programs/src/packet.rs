@@ -137,3 +137,9 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
         _ => Ok(None),
     }
 }
+
+/// The packet's flow hash for Maglev (see `weir_abi::lb::flow_hash`).
+#[inline(always)]
+pub fn packet_hash(pkt: &Packet) -> u32 {
+    weir_abi::lb::flow_hash(pkt.saddr_be, pkt.daddr_be, pkt.sport_be, pkt.dport_be, pkt.proto)
+}
