@@ -157,7 +157,49 @@ impl Args {
     }
 }
 
+/// `weir-agent uninstall`: removes what the agent installed on this node.
+#[derive(Debug, Parser)]
+#[command(name = "weir-agent uninstall")]
+struct UninstallArgs {
+    /// The agent's --bpffs-root.
+    #[arg(long, default_value = "/sys/fs/bpf/weir")]
+    bpffs_root: PathBuf,
+}
+
+/// Unpins every link (which detaches the programs) and every map under the
+/// bpffs root, and removes the state file. Stopping the agent (SIGTERM)
+/// leaves all of this in place on purpose; this is the explicit opposite.
+fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
+    let root = &args.bpffs_root;
+    if !root.exists() {
+        info!(root = %root.display(), "nothing to uninstall");
+        return Ok(());
+    }
+    // Links first: the datapath stops before the maps it reads disappear.
+    let links = root.join("links");
+    if links.exists() {
+        std::fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    std::fs::remove_dir_all(root).with_context(|| format!("removing {}", root.display()))?;
+    if let Some(dir) = statefile::path(root).parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    info!(root = %root.display(), "uninstalled: links, maps and state removed");
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("uninstall") {
+        tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+        let args = UninstallArgs::parse_from(std::env::args().skip(1));
+        return match uninstall(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("weir-agent uninstall: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -111,3 +111,47 @@ fn agent_sigkill_and_restart_keeps_connections_and_maps() -> Result<()> {
     assert_eq!(last, pinned);
     Ok(())
 }
+
+/// `weir-agent uninstall` is the explicit opposite of a stop: programs are
+/// detached (traffic to the ClusterIP no longer translated) and every pin
+/// is gone.
+#[test]
+fn uninstall_removes_programs_links_and_pins() -> anyhow::Result<()> {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
+    use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
+    use weir_tests::servers::{TcpMode, TcpServer};
+
+    let mut bed = TestBed::new()?;
+    let client = bed.add_pod("client")?;
+    let backend = bed.add_pod("backend")?;
+    let _server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
+    let vip = Ipv4Addr::new(10, 96, 0, 70);
+    let ports = [ServicePort::tcp("http", 80, 8080)];
+    let endpoints = [Endpoint::for_pod(backend.ip(), backend.name(), bed.node().name())];
+    bed.manifests().write(
+        "web.yaml",
+        &[
+            service(NAMESPACE, "web", &vip.to_string(), &ports),
+            endpoint_slice(NAMESPACE, "web", "s1", &endpoints, &ports),
+        ],
+    )?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[backend.ip()])?;
+    anyhow::ensure!(bed.wait_tcp(&client, SocketAddrV4::new(vip, 80))? == "backend");
+
+    bed.agent_mut().kill()?;
+    let root = bed.agent().bpffs_root().to_owned();
+    let status = std::process::Command::new(weir_tests::agent::binary("WEIR_AGENT_BIN", "weir-agent")?)
+        .args(["uninstall", "--bpffs-root"])
+        .arg(&root)
+        .status()?;
+    anyhow::ensure!(status.success(), "uninstall failed: {status}");
+    anyhow::ensure!(!root.exists(), "{} still exists", root.display());
+    let result = weir_tests::clients::tcp_request(
+        &client,
+        SocketAddrV4::new(vip, 80),
+        std::time::Duration::from_millis(500),
+    );
+    anyhow::ensure!(result.is_err(), "the ClusterIP still answers after uninstall: {result:?}");
+    Ok(())
+}
