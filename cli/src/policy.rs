@@ -149,8 +149,8 @@ pub fn get(root: &Path, filter: Option<&str>, format: Format) -> anyhow::Result<
                 );
                 if !row.entries.is_empty() {
                     println!(
-                        "  {:<7} {:<10} {:<12} {:<60} {}",
-                        "POLICY", "DIRECTION", "PORT/PROTO", "LABELS (source:key[=value])", "RULE"
+                        "  {:<7} {:<10} {:<12} {:<60} RULE",
+                        "POLICY", "DIRECTION", "PORT/PROTO", "LABELS (source:key[=value])"
                     );
                 }
                 for e in &row.entries {
@@ -199,7 +199,7 @@ pub fn ipcache_list(root: &Path, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => print_json(&rows),
         Format::Table => {
-            println!("{:<20} {:<10} {}", "IP PREFIX/ADDRESS", "IDENTITY", "LABELS");
+            println!("{:<20} {:<10} LABELS", "IP PREFIX/ADDRESS", "IDENTITY");
             for r in &rows {
                 println!("{:<20} {:<10} {}", r.prefix, r.identity, r.labels);
             }
@@ -226,7 +226,7 @@ pub fn identity_list(root: &Path, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => print_json(&rows),
         Format::Table => {
-            println!("{:<10} {}", "ID", "LABELS");
+            println!("{:<10} LABELS", "ID");
             for r in &rows {
                 println!("{:<10} {}", r.identity, r.labels);
             }

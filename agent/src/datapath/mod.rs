@@ -183,7 +183,6 @@ impl Datapath {
         let ipcache = self
             .ipcache
             .iter()
-            .map(|r| r.map(|(k, v)| (k, v)))
             .collect::<Result<Vec<_>, _>>()
             .context("reading the ipcache")?
             .into_iter()

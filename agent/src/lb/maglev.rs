@@ -11,7 +11,7 @@
 pub const DEFAULT_TABLE_SIZE: u32 = 1021;
 
 pub fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 fn fnv1a(seed: &str, name: &str) -> u64 {

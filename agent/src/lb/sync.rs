@@ -401,7 +401,7 @@ impl LbState {
             report.deletes += 1;
             entry.written = None;
         }
-        while let Some(_) = entry.slots.last() {
+        while !entry.slots.is_empty() {
             let slot = entry.slots.len() as u32;
             maps.delete_slot(&SlotKey { service_id: entry.service_id, slot })?;
             report.deletes += 1;
