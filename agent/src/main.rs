@@ -285,7 +285,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     // Nothing is removed before this first complete read: a
                     // restart must not flush maps that live connections use.
                     let started = std::time::Instant::now();
-                    agent.apply(&cluster);
+                    let failed = agent.apply(&cluster);
+                    metrics.map_write_failed(&failed);
                     metrics.synced(started.elapsed());
                     health.updated();
                     source.programmed();
@@ -306,7 +307,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = resync.tick(), if synced => {
                 if let Some(cluster) = &last {
                     let started = std::time::Instant::now();
-                    agent.apply(cluster);
+                    let failed = agent.apply(cluster);
+                    metrics.map_write_failed(&failed);
                     metrics.synced(started.elapsed());
                     health.updated();
                 }

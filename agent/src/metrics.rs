@@ -51,6 +51,13 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// A failed map write: which map, and whether it was full.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapWriteLabel {
+    pub map: String,
+    pub full: String,
+}
+
 /// Every metric the agent updates, and the registry that exposes them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -82,6 +89,9 @@ pub struct Metrics {
     pub relists: Family<KindLabel, Counter>,
     /// Reconciliations.
     pub syncs: Counter,
+    /// Map writes that failed (retried on the next reconciliation), with
+    /// `full="true"` when the map had no room: raise its `--map-size-*`.
+    pub map_write_errors: Family<MapWriteLabel, Counter>,
 }
 
 fn unix_now() -> f64 {
@@ -191,8 +201,15 @@ impl Metrics {
         );
         let syncs = Counter::default();
         registry.register("weir_syncs", "Reconciliations of the eBPF maps", syncs.clone());
+        let map_write_errors = Family::<MapWriteLabel, Counter>::default();
+        registry.register(
+            "weir_map_write_errors",
+            "Failed eBPF map writes by map; full=true: the map is full",
+            map_write_errors.clone(),
+        );
         registry.register_collector(Box::new(DatapathCollector { root: bpffs_root.to_owned() }));
         Self {
+            map_write_errors,
             registry,
             sync_duration,
             sync_last_timestamp,
@@ -214,6 +231,15 @@ impl Metrics {
     }
 
     /// Records one reconciliation that took `elapsed`.
+    /// Counts the map writes a reconciliation could not make.
+    pub fn map_write_failed(&self, errors: &[(&'static str, bool)]) {
+        for (map, full) in errors {
+            self.map_write_errors
+                .get_or_create(&MapWriteLabel { map: (*map).to_owned(), full: full.to_string() })
+                .inc();
+        }
+    }
+
     pub fn synced(&self, elapsed: Duration) {
         self.sync_duration.observe(elapsed.as_secs_f64());
         self.sync_last_timestamp.set(unix_now());

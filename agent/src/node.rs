@@ -98,15 +98,18 @@ impl Agent {
 
     /// Applies a full read of the cluster: the load-balancer maps, the
     /// policy maps, then the attachments to local pods.
-    pub fn apply(&mut self, cluster: &Cluster) {
+    /// Returns the map writes that failed, as (map, full), for the metrics.
+    pub fn apply(&mut self, cluster: &Cluster) -> Vec<(&'static str, bool)> {
         let devices = system::local_devices();
         let addresses: Vec<Ipv4Addr> = devices.iter().map(|(_, ip)| *ip).collect();
-        let services = self.apply_services(cluster, &addresses);
-        let (identities, by_ip) = self.apply_policy(cluster, &addresses);
+        let mut failed = Vec::new();
+        let services = self.apply_services(cluster, &addresses, &mut failed);
+        let (identities, by_ip) = self.apply_policy(cluster, &addresses, &mut failed);
         self.devices = devices;
         self.publish_names(cluster, services, identities, &by_ip);
         self.local_pods = pods::local_pod_ips(cluster, &self.node_name);
         self.attach_local_pods(true);
+        failed
     }
 
     fn publish_names(
@@ -151,12 +154,14 @@ impl Agent {
         &mut self,
         cluster: &Cluster,
         host_addresses: &[Ipv4Addr],
+        failed: &mut Vec<(&'static str, bool)>,
     ) -> (HashMap<u32, Vec<String>>, HashMap<Ipv4Addr, u32>) {
         let started = std::time::Instant::now();
         let desired = policy::compute::compute(cluster, &self.node_name, host_addresses);
         let report = self.policy.reconcile(&desired, &mut self.datapath);
         for err in &report.errors {
             warn!(error = %err, full = err.full, "policy map write failed; will retry");
+            failed.push((err.map, err.full));
         }
         if report.writes + report.deletes > 0 {
             info!(
@@ -226,6 +231,7 @@ impl Agent {
         &mut self,
         cluster: &Cluster,
         node_addresses: &[Ipv4Addr],
+        failed: &mut Vec<(&'static str, bool)>,
     ) -> HashMap<u32, ServiceName> {
         let started = std::time::Instant::now();
         let desired = desired_frontends_on(
@@ -237,6 +243,7 @@ impl Agent {
         );
         let report = self.lb.reconcile(&desired, &mut self.datapath);
         lb::sync::log_errors(&report);
+        failed.extend(report.errors.iter().map(|(_, err)| (err.map, err.full)));
         if report.writes + report.deletes > 0 {
             info!(
                 frontends = report.frontends,

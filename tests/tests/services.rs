@@ -82,6 +82,20 @@ fn a_full_services_map_is_reported_and_the_rest_served() -> Result<()> {
         .wait_for_log_line(AGENT_TIMEOUT, "a map-full warning", |line| line.contains("map full"))?;
     let served = bed.cli().lb_list()?;
     ensure!(served.len() == 2, "two frontends fit: {served:#?}");
+    // And the agent's metrics say which map is full (the agent serves them on
+    // the node's loopback).
+    let metrics_addr: std::net::SocketAddr = "127.0.0.1:10249".parse()?;
+    let (_, metrics) = bed
+        .node()
+        .netns()
+        .run(move || weir_tests::apiserver::http_get(metrics_addr, "/metrics", DEFAULT_TIMEOUT))??;
+    ensure!(
+        metrics.lines().any(|l| l.starts_with("weir_map_write_errors_total")
+            && l.contains("map=\"LB4_SERVICES_V2\"")
+            && l.contains("full=\"true\"")),
+        "weir_map_write_errors_total for the services map:\n{}",
+        metrics.lines().filter(|l| l.contains("map_write")).collect::<Vec<_>>().join("\n")
+    );
     bed.wait_attached()?;
     for row in &served {
         let vip = row.frontend.address;
