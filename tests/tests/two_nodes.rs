@@ -43,7 +43,10 @@ fn cluster_ip_served_by_a_backend_on_the_other_node() -> Result<()> {
     bed.manifests().write("pod-far.yaml", &[pod(NAMESPACE, "far", node2.name(), far.ip())])?;
     bed.manifests().write(
         "web.yaml",
-        &[service(NAMESPACE, "web", &vip.to_string(), &ports), endpoint_slice(NAMESPACE, "web", "s1", &endpoints, &ports)],
+        &[
+            service(NAMESPACE, "web", &vip.to_string(), &ports),
+            endpoint_slice(NAMESPACE, "web", "s1", &endpoints, &ports),
+        ],
     )?;
     let agent2 = Agent::start_with(&node2, bed.manifests(), AgentOptions::default())?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[far.ip()])?;
@@ -58,7 +61,11 @@ fn cluster_ip_served_by_a_backend_on_the_other_node() -> Result<()> {
     ensure!(conn.exchange()? == "far");
     ensure!(conn.exchange()? == "far");
     let local = conn.local_addr()?;
-    ensure!(server.peers().contains(&local), "the backend sees the client's own address: {:?}", server.peers());
+    ensure!(
+        server.peers().contains(&local),
+        "the backend sees the client's own address: {:?}",
+        server.peers()
+    );
     // Node 1 holds the service translation; node 2 only the ingress verdict.
     let ct1 = bed.cli().ct_list()?;
     ensure!(ct1.iter().any(|e| e.kind == "service" && e.nat.address == far.ip()), "node 1: {ct1:#?}");
