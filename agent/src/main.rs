@@ -236,7 +236,8 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     // Health first: probes get 503 (not "connection refused") while loading.
-    let metrics = Arc::new(Metrics::new(&args.bpffs_root));
+    let flow_metrics = Arc::new(flows::FlowMetrics::default());
+    let metrics = Arc::new(Metrics::new(&args.bpffs_root, flow_metrics.clone()));
     let health = Arc::new(Health::new(health::DEFAULT_TIMEOUT, metrics.clone()));
     health::start_servers(
         args.healthz_bind_address.clone(),
@@ -262,8 +263,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         table_size: args.maglev_table_size,
     };
     let mut agent = node::Agent::adopt(args.node_name.clone(), datapath, args.hairpin_snat_ip, maglev)?;
-    let _flow_metrics =
-        flows::start(&args.flows, agent.datapath.take_events(), agent.names(), &args.bpffs_root)?;
+    let _flow_metrics = flows::start(
+        &args.flows,
+        agent.datapath.take_events(),
+        agent.names(),
+        &args.bpffs_root,
+        flow_metrics,
+    )?;
 
     let kube_options =
         KubeOptions { kubeconfig: args.kubeconfig.clone(), api_server: args.api_server.clone() };

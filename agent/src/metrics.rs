@@ -21,6 +21,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use crate::flows::FlowMetrics;
 use aya::maps::{MapData, MapInfo, MapType, PerCpuArray};
 use prometheus_client::{
     collector::Collector,
@@ -101,7 +102,7 @@ fn unix_now() -> f64 {
 impl Metrics {
     /// Registers every metric; `bpffs_root` is where the datapath's maps are
     /// pinned (read on each scrape).
-    pub fn new(bpffs_root: &Path) -> Self {
+    pub fn new(bpffs_root: &Path, flows: Arc<FlowMetrics>) -> Self {
         let mut registry = Registry::default();
         // kube-proxy: exponential buckets 1 ms × 2^0..2^15.
         let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -208,6 +209,7 @@ impl Metrics {
             map_write_errors.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector { root: bpffs_root.to_owned() }));
+        registry.register_collector(Box::new(FlowCollector(flows)));
         Self {
             map_write_errors,
             registry,
@@ -358,6 +360,46 @@ impl DatapathCollector {
             }
         }
         rows
+    }
+}
+
+/// Hubble's flow metrics, from the flow monitor's counters.
+#[derive(Debug)]
+struct FlowCollector(Arc<FlowMetrics>);
+
+impl Collector for FlowCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counts = self.0.snapshot();
+        let mut family = encoder.encode_descriptor(
+            "hubble_flows_processed",
+            "Flows processed, by type, subtype and verdict",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((kind, subtype, verdict), n) in &counts.flows {
+            let labels = vec![("type", *kind), ("subtype", *subtype), ("verdict", *verdict)];
+            ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "hubble_drop",
+            "Drops, by reason and protocol",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((reason, protocol), n) in &counts.drops {
+            let labels = vec![("reason", *reason), ("protocol", *protocol)];
+            ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "hubble_lost_events",
+            "Flow events lost, by source (perf_event_ring_buffer: the kernel ring buffer was full)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (source, n) in &counts.lost {
+            ConstCounter::new(*n).encode(family.encode_family(&vec![("source", *source)])?)?;
+        }
+        Ok(())
     }
 }
 

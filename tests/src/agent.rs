@@ -215,6 +215,11 @@ impl Drop for Agent {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => eprintln!("weir-tests: cannot remove {}: {e}", self.bpffs_root.display()),
         }
+        // The agent's state file and Hubble socket live in
+        // /run/weir/<name of the bpffs root>/.
+        if let Some(name) = self.bpffs_root.file_name() {
+            let _ = std::fs::remove_dir_all(Path::new("/run/weir").join(name));
+        }
     }
 }
 

@@ -842,3 +842,45 @@ fn cost_of_flow_events() -> Result<()> {
     assert!(datapath_ratio > 0.5, "flow events cost too much: on/off = {datapath_ratio:.3}");
     Ok(())
 }
+
+/// Hubble's flow metrics on the agent's /metrics: flows by type and verdict,
+/// drops by reason and protocol.
+#[test]
+fn flow_metrics_are_exported_to_prometheus() -> Result<()> {
+    use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
+    use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
+    let mut bed = TestBed::new()?;
+    let client = bed.add_pod("client")?;
+    let backend = bed.add_pod("backend")?;
+    let _server = weir_tests::servers::TcpServer::start(&backend, 8080, weir_tests::servers::TcpMode::Lines)?;
+    let vip = std::net::Ipv4Addr::new(10, 96, 0, 95);
+    let ports = [ServicePort::tcp("http", 80, 8080)];
+    let endpoints = [Endpoint::for_pod(backend.ip(), backend.name(), bed.node().name())];
+    bed.manifests().write(
+        "web.yaml",
+        &[
+            service(NAMESPACE, "web", &vip.to_string(), &ports),
+            endpoint_slice(NAMESPACE, "web", "s1", &endpoints, &ports),
+        ],
+    )?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[backend.ip()])?;
+    bed.wait_tcp(&client, std::net::SocketAddrV4::new(vip, 80))?;
+    // A drop: an address in the service range that no service has.
+    let _ = weir_tests::clients::tcp_request(
+        &client,
+        std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 96), 80),
+        Duration::from_millis(300),
+    );
+    let addr: std::net::SocketAddr = "127.0.0.1:10249".parse()?;
+    weir_tests::cli::wait_until(AGENT_TIMEOUT, "flow metrics", || {
+        let (_, body) = bed
+            .node()
+            .netns()
+            .run(move || weir_tests::apiserver::http_get(addr, "/metrics", Duration::from_secs(2)))??;
+        Ok(body
+            .lines()
+            .any(|l| l.starts_with("hubble_flows_processed_total") && l.contains("verdict=\"FORWARDED\""))
+            && body.lines().any(|l| l.starts_with("hubble_drop_total") && l.contains("protocol=\"TCP\"")))
+    })?;
+    Ok(())
+}

@@ -100,8 +100,7 @@ pub struct FlowCounts {
 }
 
 impl FlowMetrics {
-    // For the Prometheus endpoint (not wired yet: see the module docs).
-    #[allow(dead_code)]
+    /// For the Prometheus endpoint (see `crate::metrics`).
     pub fn snapshot(&self) -> FlowCounts {
         self.lock().clone()
     }
@@ -159,10 +158,10 @@ pub fn start(
     events: Option<RingBuf<MapData>>,
     names: NamesReceiver,
     bpffs_root: &Path,
+    metrics: Arc<FlowMetrics>,
 ) -> anyhow::Result<Arc<FlowMetrics>> {
     let clock = WallClock::now();
     let ring = Arc::new(Ring::new(args.flow_buffer_capacity as usize));
-    let metrics = Arc::new(FlowMetrics::default());
 
     let events = match events {
         Some(events) => {
