@@ -301,7 +301,7 @@ mod tests {
 
     #[test]
     fn unhealthy_until_updated_and_when_stuck() {
-        let metrics = Arc::new(Metrics::new(std::path::Path::new("/nonexistent")));
+        let metrics = Arc::new(Metrics::new(std::path::Path::new("/nonexistent"), Default::default()));
         let health = Health::new(Duration::from_secs(60), metrics);
         assert_eq!(health.reply(true).status, 503, "not ready before the first sync");
         assert_eq!(health.reply(false).status, 200, "but alive");
