@@ -213,6 +213,7 @@ pub fn run(args: &DemoArgs, bins: &Binaries) -> Result<()> {
     }
     show(&agent, &["metrics", "list"], 20)?;
     show(&agent, &["policy", "get", "demo/backend-1"], 20)?;
+    show(&agent, &["observe", "--last", "4"], 8)?;
 
     heading("backend-3 leaves the EndpointSlice (examples/web.yaml without it)");
     let web = std::fs::read_to_string(examples.join("web.yaml"))?.replace(EXAMPLE_NODE, node.name());
