@@ -2,6 +2,7 @@
 //! `.cargo/config.toml`). Every command installs what it needs first
 //! (`setup`), so a fresh clone on a bare machine needs nothing by hand.
 
+mod bench;
 mod cargo;
 mod cmd;
 mod demo;
@@ -40,6 +41,10 @@ enum Command {
     /// Set up, build, then show Weir balancing a ClusterIP between pods in
     /// network namespaces (needs root).
     Demo(demo::DemoArgs),
+    /// Set up, build (release), then benchmark Weir against direct pod-IP
+    /// traffic and kube-proxy's iptables and nftables rulesets; writes
+    /// docs/BENCHMARKS.md and its plots (needs root).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +74,10 @@ fn run(cli: Cli) -> Result<()> {
             let bins = Workspace::discover()?.build_binaries(false)?;
             cmd::require_root("the demo (it creates network namespaces and loads eBPF programs)")?;
             demo::run(&args, &bins)
+        }
+        Command::Bench(args) => {
+            setup::run(Verbosity::Quiet)?;
+            bench::run(&args, &Workspace::discover()?)
         }
     }
 }

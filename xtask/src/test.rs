@@ -37,6 +37,8 @@ pub fn run(ws: &Workspace, args: &TestArgs) -> Result<()> {
             .env("WEIR_CLI_BIN", &bins.cli),
     )
     .context("integration tests failed")?;
+
+    crate::bench::smoke(ws, &bins).context("`cargo xtask bench --smoke` failed")?;
     Ok(())
 }
 
