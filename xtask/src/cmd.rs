@@ -52,6 +52,48 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Tests counted from cargo test's `test result:` lines.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TestCount {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+/// Like [`run`] for `cargo test`: passes its stdout through and adds up the
+/// `test result: … N passed; M failed` lines it prints.
+pub fn run_tests(cmd: &mut Command, count: &mut TestCount) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let shown = display(cmd);
+    eprintln!("$ {shown}");
+    let mut child =
+        cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("failed to start `{shown}`"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some((passed, failed)) = parse_test_result(&line) {
+            count.passed += passed;
+            count.failed += failed;
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// `(passed, failed)` from a `test result: ok. 8 passed; 0 failed; …` line.
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let number = |word: &str| {
+        rest.split(';')
+            .find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some((number("passed"), number("failed")))
+}
+
 /// Runs `cmd` quietly (a probe, not an action) and returns its output,
 /// whatever its exit status. Fails only when it cannot be started.
 pub fn probe(cmd: &mut Command) -> Result<Output> {
@@ -114,6 +156,13 @@ pub fn require_root(what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_tests_from_cargo_test_summaries() {
+        let line = "test result: FAILED. 8 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 9.87s";
+        assert_eq!(parse_test_result(line), Some((8, 2)));
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 
     #[test]
     fn display_quotes_what_the_shell_would_split() {

@@ -21,20 +21,32 @@ pub struct TestArgs {
 }
 
 pub fn run(ws: &Workspace, args: &TestArgs) -> Result<()> {
-    cmd::run(ws.cargo().args(["test", "--workspace", "--exclude", "weir-tests", "--exclude", "weir-ebpf"]))
-        .context("unit tests failed")?;
+    let mut count = cmd::TestCount::default();
+    let result = run_all(ws, args, &mut count);
+    // One closing line for whoever reads the end of the log (CI does).
+    println!("tests: {} passed, {} failed", count.passed, count.failed);
+    result
+}
+
+fn run_all(ws: &Workspace, args: &TestArgs, count: &mut cmd::TestCount) -> Result<()> {
+    cmd::run_tests(
+        ws.cargo().args(["test", "--workspace", "--exclude", "weir-tests", "--exclude", "weir-ebpf"]),
+        count,
+    )
+    .context("unit tests failed")?;
 
     let bins = ws.build_binaries(false)?;
 
     cmd::require_root("the integration tests (they create network namespaces and load eBPF programs)")?;
     remove_leftover_namespaces()?;
 
-    cmd::run(
+    cmd::run_tests(
         ws.cargo()
             .args(["test", "-p", "weir-tests", "--", "--test-threads=2"])
             .args(&args.args)
             .env("WEIR_AGENT_BIN", &bins.agent)
             .env("WEIR_CLI_BIN", &bins.cli),
+        count,
     )
     .context("integration tests failed")?;
 
