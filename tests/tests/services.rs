@@ -85,17 +85,18 @@ fn a_full_services_map_is_reported_and_the_rest_served() -> Result<()> {
     // And the agent's metrics say which map is full (the agent serves them on
     // the node's loopback).
     let metrics_addr: std::net::SocketAddr = "127.0.0.1:10249".parse()?;
-    let (_, metrics) = bed
-        .node()
-        .netns()
-        .run(move || weir_tests::apiserver::http_get(metrics_addr, "/metrics", DEFAULT_TIMEOUT))??;
-    ensure!(
-        metrics.lines().any(|l| l.starts_with("weir_map_write_errors_total")
-            && l.contains("map=\"LB4_SERVICES_V2\"")
-            && l.contains("full=\"true\"")),
-        "weir_map_write_errors_total for the services map:\n{}",
-        metrics.lines().filter(|l| l.contains("map_write")).collect::<Vec<_>>().join("\n")
-    );
+    // The counter is bumped when the reconciliation that logged it returns.
+    wait_until(AGENT_TIMEOUT, "weir_map_write_errors_total for the services map", || {
+        let (_, metrics) = bed
+            .node()
+            .netns()
+            .run(move || weir_tests::apiserver::http_get(metrics_addr, "/metrics", DEFAULT_TIMEOUT))??;
+        Ok(metrics.lines().any(|l| {
+            l.starts_with("weir_map_write_errors_total")
+                && l.contains("map=\"LB4_SERVICES_V2\"")
+                && l.contains("full=\"true\"")
+        }))
+    })?;
     bed.wait_attached()?;
     for row in &served {
         let vip = row.frontend.address;
