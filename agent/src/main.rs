@@ -9,6 +9,7 @@ mod cluster;
 mod datapath;
 mod flows;
 mod health;
+mod healthcheck;
 mod lb;
 mod metrics;
 mod names;
@@ -274,6 +275,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let kube_options =
         KubeOptions { kubeconfig: args.kubeconfig.clone(), api_server: args.api_server.clone() };
     let mut source = Source::start(&args.source, &kube_options, metrics.clone(), health.clone()).await?;
+    let health_checks =
+        healthcheck::HealthCheckServers::start(&args.node_name, args.sync_period, metrics.clone())?;
     let mut synced = false;
     let mut last: Option<cluster::Cluster> = None;
     let mut programming = ProgrammingLatency::default();
@@ -295,6 +298,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     metrics.map_write_failed(&failed);
                     metrics.synced(started.elapsed());
                     health.updated();
+                    health_checks.update(&cluster);
                     source.programmed();
                     programming.observe(&cluster, &metrics);
                     if let Some(eligible) = source.node_eligible(&args.node_name) {
@@ -317,6 +321,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     metrics.map_write_failed(&failed);
                     metrics.synced(started.elapsed());
                     health.updated();
+                    health_checks.update(cluster);
                 }
             }
             _ = gc.tick() => {

@@ -93,6 +93,8 @@ pub struct Metrics {
     /// Map writes that failed (retried on the next reconciliation), with
     /// `full="true"` when the map had no room: raise its `--map-size-*`.
     pub map_write_errors: Family<MapWriteLabel, Counter>,
+    /// Failed attempts to listen on a Service's `healthCheckNodePort`.
+    pub health_check_bind_errors: Counter,
 }
 
 fn unix_now() -> f64 {
@@ -208,10 +210,17 @@ impl Metrics {
             "Failed eBPF map writes by map; full=true: the map is full",
             map_write_errors.clone(),
         );
+        let health_check_bind_errors = Counter::default();
+        registry.register(
+            "weir_health_check_bind_errors",
+            "Failed attempts to listen on a Service's healthCheckNodePort (retried on every sync)",
+            health_check_bind_errors.clone(),
+        );
         registry.register_collector(Box::new(DatapathCollector { root: bpffs_root.to_owned() }));
         registry.register_collector(Box::new(FlowCollector(flows)));
         Self {
             map_write_errors,
+            health_check_bind_errors,
             registry,
             sync_duration,
             sync_last_timestamp,
