@@ -105,6 +105,12 @@ struct Args {
     /// Do not emit flow events from the datapath (for measuring their cost).
     #[arg(long)]
     no_flow_events: bool,
+    /// Socket LB for the node's own processes (kubelet, hostNetwork pods):
+    /// attach the connect/sendmsg/recvmsg/getpeername hooks to this cgroup v2
+    /// directory (the host's cgroup root on a real node, e.g. /sys/fs/cgroup).
+    /// They act only on sockets in the agent's network namespace. Unset: off.
+    #[arg(long)]
+    socket_lb_cgroup: Option<PathBuf>,
     #[command(flatten)]
     flows: flows::FlowArgs,
     #[arg(long, default_value_t = capacity::IPCACHE)]
@@ -144,7 +150,7 @@ fn parse_prime(s: &str) -> Result<u32, String> {
 }
 
 impl Args {
-    fn datapath_config(&self) -> Config {
+    fn datapath_config(&self, netns_cookie: u64) -> Config {
         Config {
             service_cidr_be: u32::from_ne_bytes(self.service_cidr.network().octets()),
             service_mask_be: u32::from_ne_bytes(self.service_cidr.mask().octets()),
@@ -154,6 +160,7 @@ impl Args {
             lifetime_tcp_close: self.ct_lifetime_tcp_close,
             lifetime_non_tcp: self.ct_lifetime_non_tcp,
             flags: if self.no_flow_events { 0 } else { weir_abi::config::CONFIG_F_EVENTS },
+            netns_cookie,
         }
     }
 }
@@ -177,9 +184,11 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     // Links first: the datapath stops before the maps it reads disappear.
-    let links = root.join("links");
-    if links.exists() {
-        std::fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
+    for dir in ["links", "socklb"] {
+        let links = root.join(dir);
+        if links.exists() {
+            std::fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
+        }
     }
     std::fs::remove_dir_all(root).with_context(|| format!("removing {}", root.display()))?;
     if let Some(dir) = statefile::path(root).parent() {
@@ -258,7 +267,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         policy: args.map_size_policy,
     };
     let mut datapath = Datapath::load(&args.bpffs_root, sizes)?;
-    datapath.write_config(&args.datapath_config())?;
+    // The socket-LB hooks act only on sockets of this namespace (cookie 0: none).
+    let netns_cookie = match &args.socket_lb_cgroup {
+        Some(_) => datapath::socklb::netns_cookie()?,
+        None => 0,
+    };
+    datapath.write_config(&args.datapath_config(netns_cookie))?;
+    datapath.set_socket_lb(args.socket_lb_cgroup.as_deref()).context("setting up the socket LB")?;
     let maglev = node::MaglevOptions {
         by_default: args.lb_algorithm == LbAlgorithm::Maglev,
         table_size: args.maglev_table_size,

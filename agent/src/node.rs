@@ -223,6 +223,13 @@ impl Agent {
         if !stale.is_empty() {
             let deleted = flush_stale_udp(self.datapath.conntrack_mut(), &stale, self.hairpin_be);
             info!(backends = stale.len(), entries = deleted, "ended UDP flows to removed backends");
+            // The node's own connected UDP sockets (socket LB) are pinned to
+            // their backend in the socket itself, not in conntrack.
+            match datapath::sockets::destroy_stale_udp(self.datapath.sock_revnat(), &stale) {
+                Ok(0) => {}
+                Ok(sockets) => info!(sockets, "destroyed node UDP sockets connected to removed backends"),
+                Err(err) => warn!(error = %format!("{err:#}"), "cannot end node UDP sockets of removed backends"),
+            }
         }
     }
 

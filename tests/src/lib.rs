@@ -16,11 +16,13 @@
 //! - [`servers`] / [`clients`]: TCP/UDP endpoints that answer with the pod name;
 //! - [`manifests`]: Kubernetes YAML written atomically into the watched dir;
 //! - [`agent`]: starting, killing and restarting `weir-agent`;
+//! - [`cgroup`]: a dedicated cgroup v2 for the socket-LB hooks;
 //! - [`cli`]: `weir ... -o json` parsed into typed rows, and [`cli::wait_until`];
 //! - [`fixture`]: a ready-made node + manifest dir + agent for tests.
 
 pub mod agent;
 pub mod apiserver;
+pub mod cgroup;
 pub mod cli;
 pub mod clients;
 pub mod cmd;

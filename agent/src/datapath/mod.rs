@@ -4,6 +4,8 @@
 
 pub mod attach;
 pub mod conntrack;
+pub mod sockets;
+pub mod socklb;
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +27,7 @@ use weir_abi::{
     lb::{Backend, MaglevKey, Service, ServiceKey, SlotKey, SourceRangeKey},
     map_name,
     policy::{EndpointInfo, IpcacheEntry, IpcacheKey, PolicyEntry, PolicyKey},
+    sock::{SockRevNatEntry, SockRevNatKey},
 };
 
 use self::attach::Hook;
@@ -69,6 +72,7 @@ pub struct Datapath {
     devices: HashMap<MapData, u32, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     maglev: HashMap<MapData, MaglevKey, u32>,
+    sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatEntry>,
     root: PathBuf,
 }
 
@@ -101,6 +105,7 @@ impl Datapath {
                 .context("program type")?;
             program.load().with_context(|| format!("verifying {name}"))?;
         }
+        socklb::load(&mut ebpf)?;
         Ok(Self {
             services: take(&mut ebpf, map_name::SERVICES)?,
             slots: take(&mut ebpf, map_name::SLOTS)?,
@@ -114,6 +119,7 @@ impl Datapath {
             devices: take(&mut ebpf, map_name::DEVICES)?,
             source_ranges: take(&mut ebpf, map_name::SOURCE_RANGES)?,
             maglev: take(&mut ebpf, map_name::MAGLEV)?,
+            sock_revnat: take(&mut ebpf, map_name::SOCK_REVNAT)?,
             ebpf,
             root: root.to_owned(),
         })
@@ -136,6 +142,20 @@ impl Datapath {
         };
         let program = self.ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
         Ok(program.try_into()?)
+    }
+
+    /// Attaches the socket-LB programs to `cgroup`, or, with `None`,
+    /// detaches those of an earlier run.
+    pub fn set_socket_lb(&mut self, cgroup: Option<&Path>) -> anyhow::Result<()> {
+        match cgroup {
+            Some(cgroup) => socklb::attach(&mut self.ebpf, &self.root, cgroup),
+            None => socklb::detach(&self.root),
+        }
+    }
+
+    /// The socket-LB reverse translations (socket cookie, backend → frontend).
+    pub fn sock_revnat(&self) -> &HashMap<MapData, SockRevNatKey, SockRevNatEntry> {
+        &self.sock_revnat
     }
 
     pub fn write_config(&mut self, config: &Config) -> anyhow::Result<()> {

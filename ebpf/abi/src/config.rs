@@ -20,11 +20,15 @@ pub struct Config {
     pub lifetime_non_tcp: u32,
     /// `CONFIG_F_*`.
     pub flags: u32,
+    /// Cookie of the node's network namespace: the socket-LB hooks act only
+    /// on sockets there (the cgroup they hang off may hold other
+    /// namespaces' processes). Zero disables them.
+    pub netns_cookie: u64,
 }
 
 /// Emit flow events into the ring buffer.
 pub const CONFIG_F_EVENTS: u32 = 1 << 0;
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
 
 #[cfg(feature = "user")]
 // SAFETY: plain `repr(C)` integers, valid for any bit pattern.

@@ -20,6 +20,7 @@ pub mod events;
 pub mod lb;
 pub mod metrics;
 pub mod policy;
+pub mod sock;
 
 /// IP protocol numbers as they appear in the IPv4 header.
 pub mod proto {
@@ -52,7 +53,7 @@ pub mod map_name {
     /// Per-CPU array of [`crate::metrics::Counter`] indexed by reason.
     pub const METRICS: &str = "METRICS_V1";
     /// One-element array holding [`crate::config::Config`].
-    pub const CONFIG: &str = "CONFIG_V1";
+    pub const CONFIG: &str = "CONFIG_V2";
     /// LPM trie: CIDR ([`crate::policy::IpcacheKey`]) → [`crate::policy::IpcacheEntry`].
     pub const IPCACHE: &str = "IPCACHE_V1";
     /// Local pod IPv4 (network order `u32`) → [`crate::policy::EndpointInfo`].
@@ -72,8 +73,10 @@ pub mod map_name {
     pub const MAGLEV: &str = "LB4_MAGLEV_V1";
     /// Ring buffer of [`crate::events::FlowEvent`].
     pub const EVENTS: &str = "EVENTS_V1";
+    /// LRU: [`crate::sock::SockRevNatKey`] → [`crate::sock::SockRevNatEntry`].
+    pub const SOCK_REVNAT: &str = "LB4_SOCK_REVNAT_V1";
 
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -89,6 +92,7 @@ pub mod map_name {
         DEVICES,
         SOURCE_RANGES,
         MAGLEV,
+        SOCK_REVNAT,
     ];
 }
 
@@ -117,6 +121,9 @@ pub mod capacity {
     pub const POLICY: u32 = 262_144;
     /// (endpoint, reason) drop counters.
     pub const ENDPOINT_METRICS: u32 = 16_384;
+    /// Socket-LB reverse translations (sockets of node processes connected
+    /// to services); Cilium's default is 256k.
+    pub const SOCK_REVNAT: u32 = 65_536;
     /// Flow-event ring buffer bytes (a power of two pages): ~18k events.
     pub const EVENTS_BYTES: u32 = 1 << 20;
 }

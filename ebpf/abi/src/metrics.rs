@@ -24,6 +24,12 @@ pub const HAIRPIN_NEW: u32 = 4;
 pub const POLICY_ALLOWED: u32 = 5;
 /// A flow event was lost: the ring buffer was full.
 pub const EVENTS_LOST: u32 = 6;
+/// A node process's socket was connected (or a datagram sent) to a backend
+/// by the socket-LB hooks (counts sockets and sends, not packets).
+pub const SOCK_LB_TRANSLATED: u32 = 7;
+/// A node process's connect or send to a service without backends was
+/// refused by the socket-LB hooks.
+pub const SOCK_LB_REFUSED: u32 = 8;
 
 /// Cilium's DROP_POLICY: no policy entry allows the connection.
 pub const DROP_POLICY_DENIED: u32 = 133;
@@ -54,6 +60,8 @@ pub fn reason_name(reason: u32) -> &'static str {
         HAIRPIN_NEW => "Service hairpin new connection",
         POLICY_ALLOWED => "Policy allowed new connection",
         EVENTS_LOST => "Flow events lost (ring buffer full)",
+        SOCK_LB_TRANSLATED => "Socket LB translated to a backend",
+        SOCK_LB_REFUSED => "Socket LB refused: service without backends",
         DROP_POLICY_DENIED => "Policy denied",
         DROP_INVALID => "Invalid packet",
         DROP_WRITE_ERROR => "Error writing to packet",

@@ -31,6 +31,8 @@ mod policy;
 #[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]
+mod sock;
+#[cfg(target_arch = "bpf")]
 mod to_pod;
 
 /// What a program decided about a packet.
@@ -46,8 +48,8 @@ pub enum Verdict {
 mod programs {
     use aya_ebpf::{
         bindings::{TC_ACT_OK, TC_ACT_SHOT},
-        macros::classifier,
-        programs::TcContext,
+        macros::{cgroup_sock_addr, classifier},
+        programs::{SockAddrContext, TcContext},
     };
 
     use weir_abi::{
@@ -55,7 +57,7 @@ mod programs {
         metrics::{DROP_IS_CLUSTER_IP, DROP_NO_SERVICE},
     };
 
-    use crate::{Verdict, events, from_netdev, from_pod, metrics, packet, reject, to_pod};
+    use crate::{Verdict, events, from_netdev, from_pod, metrics, packet, reject, sock, to_pod};
 
     /// Attached to tcx ingress of a pod's host-side veth: traffic from the pod.
     #[classifier]
@@ -111,6 +113,31 @@ mod programs {
             Err(_) => Verdict::Pass,
         };
         finish(&ctx, verdict)
+    }
+
+    /// Socket LB, on the cgroup of the node's processes: `connect()` to a
+    /// service (TCP, connected UDP).
+    #[cgroup_sock_addr(connect4)]
+    pub fn weir_sock_connect4(ctx: SockAddrContext) -> i32 {
+        sock::translate_to_backend(&ctx)
+    }
+
+    /// Socket LB: `sendto()`/`sendmsg()` of unconnected UDP to a service.
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn weir_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+        sock::translate_to_backend(&ctx)
+    }
+
+    /// Socket LB: the source of a received datagram, back to the service.
+    #[cgroup_sock_addr(recvmsg4)]
+    pub fn weir_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+        sock::translate_to_service(&ctx)
+    }
+
+    /// Socket LB: `getpeername()` of a socket connected to a service.
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn weir_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+        sock::translate_to_service(&ctx)
     }
 
     #[inline(always)]

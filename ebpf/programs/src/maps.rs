@@ -12,6 +12,7 @@ use weir_abi::{
     lb::{AffinityEntry, AffinityKey, Backend, MaglevKey, Service, ServiceKey, SlotKey, SourceRangeKey},
     metrics::Counter,
     policy::{EndpointInfo, EndpointMetricKey, IpcacheEntry, IpcacheKey, PolicyEntry, PolicyKey},
+    sock::{SockRevNatEntry, SockRevNatKey},
 };
 
 #[map(name = "LB4_SERVICES_V2")]
@@ -32,7 +33,7 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::
 #[map(name = "METRICS_V1")]
 pub static METRICS: PerCpuArray<Counter> = PerCpuArray::pinned(capacity::METRICS, 0);
 
-#[map(name = "CONFIG_V1")]
+#[map(name = "CONFIG_V2")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map(name = "IPCACHE_V1")]
@@ -59,3 +60,7 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(16_384, 
 
 #[map(name = "LB4_MAGLEV_V1")]
 pub static MAGLEV: HashMap<MaglevKey, u32> = HashMap::pinned(capacity::MAGLEV, 0);
+
+#[map(name = "LB4_SOCK_REVNAT_V1")]
+pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatEntry> =
+    LruHashMap::pinned(capacity::SOCK_REVNAT, 0);
