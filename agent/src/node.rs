@@ -228,7 +228,9 @@ impl Agent {
             match datapath::sockets::destroy_stale_udp(self.datapath.sock_revnat(), &stale) {
                 Ok(0) => {}
                 Ok(sockets) => info!(sockets, "destroyed node UDP sockets connected to removed backends"),
-                Err(err) => warn!(error = %format!("{err:#}"), "cannot end node UDP sockets of removed backends"),
+                Err(err) => {
+                    warn!(error = %format!("{err:#}"), "cannot end node UDP sockets of removed backends")
+                }
             }
         }
     }
