@@ -54,11 +54,15 @@ impl ServicePort {
     }
 }
 
-/// One endpoint of an EndpointSlice: a backend pod's address and readiness.
+/// One endpoint of an EndpointSlice: a backend pod's address and conditions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub ready: bool,
+    /// `conditions.serving`; omitted when `None` (the API then takes `ready`).
+    pub serving: Option<bool>,
+    /// `conditions.terminating`; omitted when `None` (not terminating).
+    pub terminating: Option<bool>,
     /// The backing pod (targetRef), informational.
     pub pod_name: Option<String>,
     pub node_name: Option<String>,
@@ -67,7 +71,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// A ready endpoint.
     pub fn ready(ip: Ipv4Addr) -> Endpoint {
-        Endpoint { ip, ready: true, pod_name: None, node_name: None }
+        Endpoint { ip, ready: true, serving: None, terminating: None, pod_name: None, node_name: None }
     }
 
     /// An endpoint with `conditions.ready: false` (not a backend).
@@ -78,11 +82,17 @@ impl Endpoint {
     /// A ready endpoint for a pod on a node (fills targetRef and nodeName).
     pub fn for_pod(ip: Ipv4Addr, pod_name: &str, node_name: &str) -> Endpoint {
         Endpoint {
-            ip,
-            ready: true,
             pod_name: Some(pod_name.to_owned()),
             node_name: Some(node_name.to_owned()),
+            ..Endpoint::ready(ip)
         }
+    }
+
+    /// This endpoint while its pod shuts down: `ready: false`,
+    /// `terminating: true`, and `serving` as given (whether the pod still
+    /// passes its readiness probe).
+    pub fn terminating(self, serving: bool) -> Endpoint {
+        Endpoint { ready: false, serving: Some(serving), terminating: Some(true), ..self }
     }
 }
 
@@ -157,6 +167,12 @@ pub fn endpoint_slice(
                 "addresses": [ e.ip.to_string() ],
                 "conditions": { "ready": e.ready },
             });
+            if let Some(serving) = e.serving {
+                v["conditions"]["serving"] = json!(serving);
+            }
+            if let Some(terminating) = e.terminating {
+                v["conditions"]["terminating"] = json!(terminating);
+            }
             if let Some(node) = &e.node_name {
                 v["nodeName"] = json!(node);
             }
@@ -248,6 +264,7 @@ mod tests {
             &[
                 Endpoint::ready(Ipv4Addr::new(10, 244, 0, 3)),
                 Endpoint::not_ready(Ipv4Addr::new(10, 244, 0, 4)),
+                Endpoint::ready(Ipv4Addr::new(10, 244, 0, 5)).terminating(true),
             ],
             &ports,
         );
@@ -255,6 +272,11 @@ mod tests {
         assert_eq!(slice["metadata"]["labels"][SERVICE_NAME_LABEL], "web");
         assert_eq!(slice["ports"][0]["port"], 8080);
         assert_eq!(slice["endpoints"][1]["conditions"]["ready"], false);
+        assert_eq!(slice["endpoints"][1]["conditions"].get("serving"), None, "unset unless asked");
+        assert_eq!(
+            slice["endpoints"][2]["conditions"],
+            json!({"ready": false, "serving": true, "terminating": true})
+        );
         let yaml = to_yaml(&[svc, slice]).unwrap();
         assert_eq!(yaml.matches("---\n").count(), 2);
         assert!(yaml.contains("clusterIP: 10.96.0.10"));
