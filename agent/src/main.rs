@@ -105,6 +105,16 @@ struct Args {
     /// Do not emit flow events from the datapath (for measuring their cost).
     #[arg(long)]
     no_flow_events: bool,
+    /// North-south traffic (NodePorts, external and LoadBalancer IPs) in
+    /// native XDP on the node's devices (`native`, `best-effort`: where the
+    /// driver supports it) or in tc only (`disabled`). tc always runs too.
+    #[arg(long, value_enum, default_value_t = node::Acceleration::BestEffort)]
+    lb_acceleration: node::Acceleration,
+    /// The node devices that carry north-south traffic and whose addresses
+    /// serve NodePorts (Cilium's --devices), comma-separated; default: all
+    /// devices with an IPv4 address.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
     /// Socket LB for the node's own processes (kubelet, hostNetwork pods):
     /// attach the connect/sendmsg/recvmsg/getpeername hooks to this cgroup v2
     /// directory (the host's cgroup root on a real node, e.g. /sys/fs/cgroup).
@@ -279,6 +289,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         table_size: args.maglev_table_size,
     };
     let mut agent = node::Agent::adopt(args.node_name.clone(), datapath, args.hairpin_snat_ip, maglev)?;
+    agent.acceleration = args.lb_acceleration;
+    agent.device_names = args.devices.clone();
     let _flow_metrics = flows::start(
         &args.flows,
         agent.datapath.take_events(),

@@ -45,6 +45,26 @@ pub struct Agent {
     devices: Vec<(String, Ipv4Addr)>,
     /// `--lb-algorithm maglev`.
     maglev_by_default: bool,
+    /// `--lb-acceleration`: XDP on the node's devices, or tc only.
+    pub acceleration: Acceleration,
+    /// `--devices`: the devices that carry north-south traffic (and whose
+    /// addresses serve NodePorts); empty means every device with an address.
+    pub device_names: Vec<String>,
+    /// Devices where native XDP failed, warned about once.
+    xdp_unsupported: BTreeSet<String>,
+}
+
+/// Where north-south traffic is handled (Cilium's `--bpf-lb-acceleration`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Acceleration {
+    /// Native XDP on every device whose driver supports it, tc elsewhere.
+    #[default]
+    BestEffort,
+    /// Native XDP on every device; a device without it is reported on every
+    /// attach attempt (tc still serves it).
+    Native,
+    /// tc only.
+    Disabled,
 }
 
 /// Backend selection defaults (`--lb-algorithm`, `--maglev-table-size`).
@@ -88,6 +108,9 @@ impl Agent {
             hairpin_be: u32::from_ne_bytes(hairpin.octets()),
             devices: Vec::new(),
             maglev_by_default: maglev.by_default,
+            acceleration: Acceleration::default(),
+            device_names: Vec::new(),
+            xdp_unsupported: BTreeSet::new(),
         })
     }
 
@@ -100,7 +123,10 @@ impl Agent {
     /// policy maps, then the attachments to local pods.
     /// Returns the map writes that failed, as (map, full), for the metrics.
     pub fn apply(&mut self, cluster: &Cluster) -> Vec<(&'static str, bool)> {
-        let devices = system::local_devices();
+        let mut devices = system::local_devices();
+        if !self.device_names.is_empty() {
+            devices.retain(|(name, _)| self.device_names.contains(name));
+        }
         let addresses: Vec<Ipv4Addr> = devices.iter().map(|(_, ip)| *ip).collect();
         let mut failed = Vec::new();
         let services = self.apply_services(cluster, &addresses, &mut failed);
@@ -316,6 +342,23 @@ impl Agent {
                     keep.insert((ifname.clone(), index));
                 }
                 Err(err) => warn!(device = %ifname, error = %format!("{err:#}"), "cannot attach"),
+            }
+            if self.acceleration == Acceleration::Disabled {
+                self.attachments.remove_xdp(ifname);
+                continue;
+            }
+            let accelerated =
+                self.datapath.xdp_program().and_then(|program| self.attachments.ensure_xdp(program, ifname));
+            match accelerated {
+                Ok(()) => {}
+                // best-effort: say it once per device, tc serves it.
+                Err(err)
+                    if self.acceleration == Acceleration::Native
+                        || self.xdp_unsupported.insert(ifname.clone()) =>
+                {
+                    warn!(device = %ifname, error = %format!("{err:#}"), "no native XDP; north-south traffic handled by tc")
+                }
+                Err(_) => {}
             }
         }
         if let Err(err) = self.datapath.set_devices(&device_map) {

@@ -11,6 +11,7 @@
 //! Module map (one concern each):
 //! - [`names`]: unique, short names for namespaces, interfaces and pins;
 //! - [`cmd`]: running `ip` and friends with useful error messages;
+//! - [`ethtool`]: the checksum-offload switch XDP tests need;
 //! - [`netns`]: creating namespaces and running code inside them;
 //! - [`topology`]: a node namespace and pods wired to it as the contract says;
 //! - [`servers`] / [`clients`]: TCP/UDP endpoints that answer with the pod name;
@@ -18,7 +19,8 @@
 //! - [`agent`]: starting, killing and restarting `weir-agent`;
 //! - [`cgroup`]: a dedicated cgroup v2 for the socket-LB hooks;
 //! - [`cli`]: `weir ... -o json` parsed into typed rows, and [`cli::wait_until`];
-//! - [`fixture`]: a ready-made node + manifest dir + agent for tests.
+//! - [`fixture`]: a ready-made node + manifest dir + agent for tests;
+//! - [`xdp_pass`]: an XDP_PASS program for veth peers of XDP_TX devices.
 
 pub mod agent;
 pub mod apiserver;
@@ -26,6 +28,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod clients;
 pub mod cmd;
+pub mod ethtool;
 pub mod fixture;
 pub mod manifests;
 pub mod names;
@@ -34,6 +37,7 @@ pub mod netpol_model;
 pub mod servers;
 pub mod tempdir;
 pub mod topology;
+pub mod xdp_pass;
 
 /// Fails early, with a message that says what to do, when the tests run
 /// without the privileges they need (namespaces, veths and bpffs need root).

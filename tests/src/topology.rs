@@ -174,3 +174,18 @@ fn mac_of(ns: &NetNs, dev: &str) -> Result<String> {
         serde_json::from_str(&json).with_context(|| format!("parsing `ip -j link show {dev}`"))?;
     links.into_iter().next().map(|l| l.address).with_context(|| format!("{}: no link {dev}", ns.name()))
 }
+
+/// Wires namespace `a` to namespace `b` with a veth pair: a fresh device in
+/// `a` with `a_ip`, device `b_dev` in `b` with `b_ip` (both `/prefix`), up,
+/// with reverse-path filtering off. Returns the device name in `a`. The
+/// pair goes when either namespace does.
+pub fn link(a: &NetNs, a_ip: Ipv4Addr, b: &NetNs, b_dev: &str, b_ip: Ipv4Addr, prefix: u8) -> Result<String> {
+    let a_dev = names::host_interface();
+    a.ip(&["link", "add", &a_dev, "type", "veth", "peer", "name", b_dev, "netns", b.name()])?;
+    for (ns, dev, ip) in [(a, a_dev.as_str(), a_ip), (b, b_dev, b_ip)] {
+        ns.ip(&["addr", "add", &format!("{ip}/{prefix}"), "dev", dev])?;
+        ns.ip(&["link", "set", dev, "up"])?;
+        ns.set_sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+    }
+    Ok(a_dev)
+}

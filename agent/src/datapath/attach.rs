@@ -10,9 +10,10 @@ use std::{
 
 use anyhow::Context as _;
 use aya::programs::{
-    SchedClassifier, TcAttachType,
+    SchedClassifier, TcAttachType, Xdp,
     links::{FdLink, PinnedLink},
     tc::SchedClassifierLink,
+    xdp::{XdpLink, XdpMode},
 };
 use tracing::{info, warn};
 
@@ -25,25 +26,30 @@ pub enum Hook {
     ToPod,
     /// tcx ingress of a node device: north-south traffic.
     FromNetdev,
+    /// XDP (native) on a node device: north-south traffic, before tc.
+    XdpFromNetdev,
 }
 
 impl Hook {
     /// The hooks on a pod's host-side veth.
     pub const POD: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
-    pub const ALL: [Hook; 3] = [Hook::FromPod, Hook::ToPod, Hook::FromNetdev];
+    pub const ALL: [Hook; 4] = [Hook::FromPod, Hook::ToPod, Hook::FromNetdev, Hook::XdpFromNetdev];
 
     fn name(self) -> &'static str {
         match self {
             Hook::FromPod => "from-pod",
             Hook::ToPod => "to-pod",
             Hook::FromNetdev => "from-netdev",
+            Hook::XdpFromNetdev => "xdp",
         }
     }
 
-    fn attach_type(self) -> TcAttachType {
+    /// Where a tc hook attaches (`None` for XDP).
+    fn tc_attach_type(self) -> Option<TcAttachType> {
         match self {
-            Hook::FromPod | Hook::FromNetdev => TcAttachType::Ingress,
-            Hook::ToPod => TcAttachType::Egress,
+            Hook::FromPod | Hook::FromNetdev => Some(TcAttachType::Ingress),
+            Hook::ToPod => Some(TcAttachType::Egress),
+            Hook::XdpFromNetdev => None,
         }
     }
 }
@@ -97,8 +103,9 @@ impl Attachments {
             drop(program.take_link(id)?);
             info!(interface = ifname, hook = hook.name(), "adopted pinned link");
         } else {
+            let attach_type = hook.tc_attach_type().context("not a tc hook")?;
             let id = program
-                .attach(ifname, hook.attach_type())
+                .attach(ifname, attach_type)
                 .with_context(|| format!("attaching {} to {ifname}", hook.name()))?;
             let link = FdLink::try_from(program.take_link(id)?).context("tcx link expected")?;
             link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
@@ -106,6 +113,44 @@ impl Attachments {
         }
         self.current.insert(slot, index);
         Ok(())
+    }
+
+    /// Makes sure `program` runs as native XDP on `ifname`; fails when the
+    /// driver cannot run XDP natively (the caller falls back to tc alone).
+    pub fn ensure_xdp(&mut self, program: &mut Xdp, ifname: &str) -> anyhow::Result<()> {
+        let hook = Hook::XdpFromNetdev;
+        let index = ifindex(ifname).with_context(|| format!("interface {ifname} not found"))?;
+        let slot = (hook, ifname.to_owned());
+        if self.current.get(&slot) == Some(&index) {
+            return Ok(());
+        }
+        let pin = self.dir.join(pin_name(hook, ifname, index));
+        if pin.exists() {
+            let link = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+            let link = XdpLink::try_from(FdLink::from(link)).context("pinned link is not an XDP link")?;
+            let id = program.attach_to_link(link).context("updating the pinned XDP link")?;
+            drop(program.take_link(id)?);
+            info!(interface = ifname, hook = hook.name(), "adopted pinned link");
+        } else {
+            let id = program
+                .attach(ifname, XdpMode::Driver)
+                .with_context(|| format!("attaching native XDP to {ifname}"))?;
+            let link = FdLink::try_from(program.take_link(id)?).context("an XDP bpf_link expected")?;
+            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+            info!(interface = ifname, ifindex = index, hook = hook.name(), "attached");
+        }
+        self.current.insert(slot, index);
+        Ok(())
+    }
+
+    /// Removes the XDP link of `ifname`, if any (acceleration turned off).
+    pub fn remove_xdp(&mut self, ifname: &str) {
+        let Some(index) = ifindex(ifname) else { return };
+        let pin = self.dir.join(pin_name(Hook::XdpFromNetdev, ifname, index));
+        if std::fs::remove_file(&pin).is_ok() {
+            info!(interface = ifname, "removed XDP link");
+        }
+        self.current.remove(&(Hook::XdpFromNetdev, ifname.to_owned()));
     }
 
     /// Removes the pins of links whose interface is gone or is not a local

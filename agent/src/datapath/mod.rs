@@ -18,7 +18,7 @@ use aya::{
         Array, HashMap, MapData, MapError, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::SchedClassifier,
+    programs::{SchedClassifier, Xdp},
 };
 use ipnetwork::Ipv4Network;
 use weir_abi::{
@@ -45,6 +45,8 @@ pub const FROM_POD_PROGRAM: &str = "weir_from_pod";
 pub const TO_POD_PROGRAM: &str = "weir_to_pod";
 /// The program attached at tcx ingress of the node's devices.
 pub const FROM_NETDEV_PROGRAM: &str = "weir_from_netdev";
+/// The program attached as native XDP to the node's devices.
+pub const XDP_FROM_NETDEV_PROGRAM: &str = "weir_xdp_from_netdev";
 
 /// Map capacities (entries).
 #[derive(Clone, Copy, Debug)]
@@ -105,6 +107,12 @@ impl Datapath {
                 .context("program type")?;
             program.load().with_context(|| format!("verifying {name}"))?;
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_FROM_NETDEV_PROGRAM)
+            .context("the XDP program is missing")?
+            .try_into()
+            .context("program type")?;
+        xdp.load().context("verifying the XDP program")?;
         socklb::load(&mut ebpf)?;
         Ok(Self {
             services: take(&mut ebpf, map_name::SERVICES)?,
@@ -139,8 +147,14 @@ impl Datapath {
             Hook::FromPod => FROM_POD_PROGRAM,
             Hook::ToPod => TO_POD_PROGRAM,
             Hook::FromNetdev => FROM_NETDEV_PROGRAM,
+            Hook::XdpFromNetdev => anyhow::bail!("{XDP_FROM_NETDEV_PROGRAM} is not a tc program"),
         };
         let program = self.ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
+        Ok(program.try_into()?)
+    }
+
+    pub fn xdp_program(&mut self) -> anyhow::Result<&mut Xdp> {
+        let program = self.ebpf.program_mut(XDP_FROM_NETDEV_PROGRAM).context("the XDP program is missing")?;
         Ok(program.try_into()?)
     }
 

@@ -30,6 +30,15 @@ pub const SOCK_LB_TRANSLATED: u32 = 7;
 /// A node process's connect or send to a service without backends was
 /// refused by the socket-LB hooks.
 pub const SOCK_LB_REFUSED: u32 = 8;
+/// XDP translated a north-south packet and sent it back out of the device
+/// it came in on (XDP_TX: a remote backend, or the reply to a client).
+pub const XDP_TX: u32 = 9;
+/// XDP translated a north-south packet for a local backend and passed it
+/// to the stack.
+pub const XDP_TO_STACK: u32 = 10;
+/// XDP left a north-south packet whose route leaves by another device to
+/// the tc program (which can redirect there).
+pub const XDP_TO_TC: u32 = 11;
 
 /// Cilium's DROP_POLICY: no policy entry allows the connection.
 pub const DROP_POLICY_DENIED: u32 = 133;
@@ -62,6 +71,9 @@ pub fn reason_name(reason: u32) -> &'static str {
         EVENTS_LOST => "Flow events lost (ring buffer full)",
         SOCK_LB_TRANSLATED => "Socket LB translated to a backend",
         SOCK_LB_REFUSED => "Socket LB refused: service without backends",
+        XDP_TX => "XDP translated, sent back out (XDP_TX)",
+        XDP_TO_STACK => "XDP translated, passed to a local backend",
+        XDP_TO_TC => "XDP deferred to tc (route via another device)",
         DROP_POLICY_DENIED => "Policy denied",
         DROP_INVALID => "Invalid packet",
         DROP_WRITE_ERROR => "Error writing to packet",

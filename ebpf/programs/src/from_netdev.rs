@@ -7,10 +7,13 @@
 //! connection to a backend on another node is also SNATed to this node's
 //! address and a port chosen here, so that the replies come back through
 //! this node, where a NAT_REPLY entry restores the client and the frontend.
+//!
+//! The decision ([`decide`]) is shared with the XDP program (`xdp.rs`),
+//! which runs first on devices whose driver supports it; this tc program
+//! then only sees what XDP passed on.
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use weir_abi::{
-    config::Config,
     ct::{
         CT_F_NORTH_SOUTH, CT_F_SNAT, CT_KIND_FLOW, CT_KIND_NAT_REPLY, CT_KIND_SERVICE, CT_STATE_CLOSING,
         CtEntry,
@@ -40,23 +43,75 @@ const SNAT_PORT_SPAN: u32 = 28_232;
 /// Candidate ports tried before giving up on a new connection.
 const SNAT_PROBES: u32 = 8;
 
-#[inline(always)]
-pub fn handle(ctx: &TcContext, pkt: &Packet) -> Verdict {
-    match try_handle(ctx, pkt) {
-        Ok(verdict) => verdict,
-        Err(reason) => Verdict::Drop(reason),
-    }
+/// The tuple a north-south packet leaves with (network order).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Xlate {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
 }
 
+/// What to do with a packet entering on a node device. Decided from the maps
+/// alone, so that the XDP program and the tc program share one decision.
+pub enum Plan {
+    /// Not a north-south service packet.
+    Pass,
+    /// Translate, then let the stack deliver it (a local backend).
+    Local(Xlate),
+    /// Translate, then send it out where the route to its new destination
+    /// goes: its source is now a node address (SNAT to a remote backend, or
+    /// a reply leaving as the frontend), which the stack would drop as a
+    /// martian.
+    Out(Xlate),
+    /// The caller cannot send this packet where it must go (XDP, for a
+    /// route that leaves by another device): nothing was recorded, and the
+    /// packet is left to the tc program.
+    Defer,
+}
+
+/// The tc program: decides (no XDP on this device, or XDP deferred the
+/// packet) and applies the decision.
 #[inline(always)]
-fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
+pub fn handle(ctx: &TcContext, pkt: &Packet) -> Verdict {
+    // SAFETY: reading a field of the context the kernel handed us.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // redirect_neigh can send a packet out of any device.
+    let plan = match decide(pkt, ifindex, ctx.len(), |_| true) {
+        Ok(plan) => plan,
+        Err(reason) => return Verdict::Drop(reason),
+    };
+    let (xlate, out) = match plan {
+        Plan::Pass | Plan::Defer => return Verdict::Pass,
+        Plan::Local(xlate) => (xlate, false),
+        Plan::Out(xlate) => (xlate, true),
+    };
+    if let Err(reason) = translate(ctx, pkt, &xlate) {
+        return Verdict::Drop(reason);
+    }
+    if out { redirect(ctx, xlate.saddr_be, xlate.daddr_be) } else { Verdict::Pass }
+}
+
+/// The decision for a packet that entered on device `ifindex`: conntrack
+/// first (replies of SNATed connections, later packets), then the
+/// frontends. Creates the conntrack entries of a new connection.
+/// `can_send_out` is asked before anything is recorded whether the caller
+/// can deliver a packet that must leave the node; if not, the decision is
+/// [`Plan::Defer`] and no counter or entry has changed.
+#[inline(always)]
+pub fn decide(
+    pkt: &Packet,
+    ifindex: u32,
+    len: u32,
+    mut can_send_out: impl FnMut(&Xlate) -> bool,
+) -> Result<Plan, u32> {
     if !pkt.can_nat {
-        return Ok(Verdict::Pass);
+        return Ok(Plan::Pass);
     }
     // SAFETY: copied out at once.
     let cfg = CONFIG.get_ptr(0).map(|c| unsafe { *c }).unwrap_or_default();
     let now = now_secs();
-    let len = ctx.len();
 
     // 1. A remote backend's reply to a SNATed client.
     let reply_key =
@@ -64,15 +119,18 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
     if let Some(entry) = CONNTRACK.get_ptr_mut(&reply_key) {
         // SAFETY: a valid map value; concurrent updates only race on counters.
         let entry = unsafe { &mut *entry };
+        let xlate = Xlate {
+            saddr_be: entry.nat_addr_be,
+            sport_be: entry.nat_port_be,
+            daddr_be: entry.client_addr_be,
+            dport_be: entry.aux_port_be,
+        };
+        if !can_send_out(&xlate) {
+            return Ok(Plan::Defer);
+        }
         conntrack::observe(entry, pkt, false, len, &cfg, now);
-        let (front_be, front_port_be) = (entry.nat_addr_be, entry.nat_port_be);
-        let (client_be, client_port_be) = (entry.client_addr_be, entry.aux_port_be);
-        rewrite_addr(ctx, pkt, End::Source, pkt.saddr_be, front_be)?;
-        rewrite_port(ctx, pkt, End::Source, pkt.sport_be, front_port_be)?;
-        rewrite_addr(ctx, pkt, End::Destination, pkt.daddr_be, client_be)?;
-        rewrite_port(ctx, pkt, End::Destination, pkt.dport_be, client_port_be)?;
         count(REVERSE_NAT, len);
-        return Ok(redirect(ctx, front_be, client_be));
+        return Ok(Plan::Out(xlate));
     }
 
     // 2. A later packet of a north-south connection.
@@ -81,15 +139,23 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
         // SAFETY: a valid map value.
         let svc = unsafe { &mut *svc };
         if !(is_syn(pkt) && (svc.state == CT_STATE_CLOSING || svc.expires < now)) {
+            let mut xlate = Xlate {
+                saddr_be: pkt.saddr_be,
+                sport_be: pkt.sport_be,
+                daddr_be: svc.nat_addr_be,
+                dport_be: svc.nat_port_be,
+            };
+            let snat = svc.flags & CT_F_SNAT != 0;
+            if snat {
+                xlate.saddr_be = svc.client_addr_be;
+                xlate.sport_be = svc.aux_port_be;
+                if !can_send_out(&xlate) {
+                    return Ok(Plan::Defer);
+                }
+            }
             conntrack::observe(svc, pkt, true, len, &cfg, now);
-            let snat = (svc.flags & CT_F_SNAT != 0).then_some((svc.client_addr_be, svc.aux_port_be));
-            let backend_be = svc.nat_addr_be;
-            translate(ctx, pkt, backend_be, svc.nat_port_be, snat)?;
             count(SERVICE_ESTABLISHED, len);
-            return Ok(match snat {
-                Some((snat_be, _)) => redirect(ctx, snat_be, backend_be),
-                None => Verdict::Pass,
-            });
+            return Ok(if snat { Plan::Out(xlate) } else { Plan::Local(xlate) });
         }
     }
 
@@ -97,7 +163,7 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
     let Some(service) = lb::lookup_service(pkt.daddr_be, pkt.dport_be, pkt.proto)
         .filter(|s| s.flags & SVC_FLAGS_NORTH_SOUTH != 0)
     else {
-        return Ok(Verdict::Pass);
+        return Ok(Plan::Pass);
     };
     if service.flags & SVC_FLAG_SOURCE_RANGES != 0 {
         let key = Key::new(
@@ -117,6 +183,12 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
         ..CtEntry::default()
     };
     conntrack::observe(&mut svc, pkt, true, len, &cfg, now);
+    let mut xlate = Xlate {
+        saddr_be: pkt.saddr_be,
+        sport_be: pkt.sport_be,
+        daddr_be: backend.address_be,
+        dport_be: backend.port_be,
+    };
 
     if policy::endpoint(backend.address_be).is_some() {
         // Local backend: the client's address is preserved; replies are
@@ -135,46 +207,44 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
             ct_key(pkt.saddr_be, backend.address_be, pkt.sport_be, backend.port_be, pkt.proto, CT_KIND_FLOW);
         CONNTRACK.insert(&flow_key, &flow, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
         CONNTRACK.insert(&svc_key, &svc, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
-        translate(ctx, pkt, backend.address_be, backend.port_be, None)?;
-    } else {
-        let (snat_be, port_be) = allocate_port(ctx, pkt, &backend, &cfg)?;
-        let reply = CtEntry {
-            nat_addr_be: pkt.daddr_be,
-            nat_port_be: pkt.dport_be,
-            client_addr_be: pkt.saddr_be,
-            aux_port_be: pkt.sport_be,
-            service_id: service.service_id,
-            backend_id,
-            expires: svc.expires,
-            ..CtEntry::default()
-        };
-        let reply_key =
-            ct_key(backend.address_be, snat_be, backend.port_be, port_be, pkt.proto, CT_KIND_NAT_REPLY);
-        CONNTRACK.insert(&reply_key, &reply, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
-        svc.flags |= CT_F_SNAT;
-        svc.client_addr_be = snat_be;
-        svc.aux_port_be = port_be;
-        CONNTRACK.insert(&svc_key, &svc, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
-        translate(ctx, pkt, backend.address_be, backend.port_be, Some((snat_be, port_be)))?;
         count(SERVICE_NEW, len);
-        return Ok(redirect(ctx, snat_be, backend.address_be));
+        return Ok(Plan::Local(xlate));
     }
+    let (snat_be, port_be) = allocate_port(ifindex, pkt, &backend)?;
+    xlate.saddr_be = snat_be;
+    xlate.sport_be = port_be;
+    // Checked before anything is recorded; a deferred packet comes back
+    // through tc, which picks a backend anew (for a random choice, maybe
+    // another: nothing was promised to the client yet).
+    if !can_send_out(&xlate) {
+        return Ok(Plan::Defer);
+    }
+    let reply = CtEntry {
+        nat_addr_be: pkt.daddr_be,
+        nat_port_be: pkt.dport_be,
+        client_addr_be: pkt.saddr_be,
+        aux_port_be: pkt.sport_be,
+        service_id: service.service_id,
+        backend_id,
+        expires: svc.expires,
+        ..CtEntry::default()
+    };
+    let reply_key =
+        ct_key(backend.address_be, snat_be, backend.port_be, port_be, pkt.proto, CT_KIND_NAT_REPLY);
+    CONNTRACK.insert(&reply_key, &reply, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
+    svc.flags |= CT_F_SNAT;
+    svc.client_addr_be = snat_be;
+    svc.aux_port_be = port_be;
+    CONNTRACK.insert(&svc_key, &svc, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
     count(SERVICE_NEW, len);
-    Ok(Verdict::Pass)
+    Ok(Plan::Out(xlate))
 }
 
 /// Picks a free (node address, port) for a SNATed connection: a hash of the
 /// client tuple, then a few probes. A taken port is one whose NAT_REPLY
 /// entry is alive.
 #[inline(always)]
-fn allocate_port(
-    ctx: &TcContext,
-    pkt: &Packet,
-    backend: &weir_abi::lb::Backend,
-    _cfg: &Config,
-) -> Result<(u32, u16), u32> {
-    // SAFETY: reading a field of the context the kernel handed us.
-    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+fn allocate_port(ifindex: u32, pkt: &Packet, backend: &weir_abi::lb::Backend) -> Result<(u32, u16), u32> {
     // SAFETY: copied out at once.
     let snat_be = DEVICES.get_ptr(&ifindex).map(|a| unsafe { *a }).unwrap_or(pkt.daddr_be);
     let now = now_secs();
@@ -210,18 +280,9 @@ fn redirect(ctx: &TcContext, saddr_be: u32, daddr_be: u32) -> Verdict {
 const DROP_NAT_NO_PORT: u32 = weir_abi::metrics::DROP_NAT_NO_MAPPING;
 
 #[inline(always)]
-fn translate(
-    ctx: &TcContext,
-    pkt: &Packet,
-    addr_be: u32,
-    port_be: u16,
-    snat: Option<(u32, u16)>,
-) -> Result<(), u32> {
-    rewrite_addr(ctx, pkt, End::Destination, pkt.daddr_be, addr_be)?;
-    rewrite_port(ctx, pkt, End::Destination, pkt.dport_be, port_be)?;
-    if let Some((src_be, sport_be)) = snat {
-        rewrite_addr(ctx, pkt, End::Source, pkt.saddr_be, src_be)?;
-        rewrite_port(ctx, pkt, End::Source, pkt.sport_be, sport_be)?;
-    }
-    Ok(())
+fn translate(ctx: &TcContext, pkt: &Packet, xlate: &Xlate) -> Result<(), u32> {
+    rewrite_addr(ctx, pkt, End::Destination, pkt.daddr_be, xlate.daddr_be)?;
+    rewrite_port(ctx, pkt, End::Destination, pkt.dport_be, xlate.dport_be)?;
+    rewrite_addr(ctx, pkt, End::Source, pkt.saddr_be, xlate.saddr_be)?;
+    rewrite_port(ctx, pkt, End::Source, pkt.sport_be, xlate.sport_be)
 }

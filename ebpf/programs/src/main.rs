@@ -34,6 +34,8 @@ mod reject;
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod to_pod;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 
 /// What a program decided about a packet.
 #[cfg(target_arch = "bpf")]
@@ -48,8 +50,8 @@ pub enum Verdict {
 mod programs {
     use aya_ebpf::{
         bindings::{TC_ACT_OK, TC_ACT_SHOT},
-        macros::{cgroup_sock_addr, classifier},
-        programs::{SockAddrContext, TcContext},
+        macros::{cgroup_sock_addr, classifier, xdp},
+        programs::{SockAddrContext, TcContext, XdpContext},
     };
 
     use weir_abi::{
@@ -57,7 +59,7 @@ mod programs {
         metrics::{DROP_IS_CLUSTER_IP, DROP_NO_SERVICE},
     };
 
-    use crate::{Verdict, events, from_netdev, from_pod, metrics, packet, reject, sock, to_pod};
+    use crate::{Verdict, events, from_netdev, from_pod, metrics, packet, reject, sock, to_pod, xdp};
 
     /// Attached to tcx ingress of a pod's host-side veth: traffic from the pod.
     #[classifier]
@@ -113,6 +115,13 @@ mod programs {
             Err(_) => Verdict::Pass,
         };
         finish(&ctx, verdict)
+    }
+
+    /// Attached (XDP, native mode) to the node's devices whose driver
+    /// supports it: north-south traffic before tc and the stack.
+    #[xdp]
+    pub fn weir_xdp_from_netdev(ctx: XdpContext) -> u32 {
+        xdp::handle(&ctx)
     }
 
     /// Socket LB, on the cgroup of the node's processes: `connect()` to a

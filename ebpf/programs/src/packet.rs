@@ -39,14 +39,28 @@ pub struct Packet {
     pub can_nat: bool,
 }
 
+/// The packet's linear bytes, `[start, end)`: what tc and XDP both give.
+#[derive(Clone, Copy)]
+pub struct Bytes {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Bytes {
+    #[inline(always)]
+    pub fn of_tc(ctx: &TcContext) -> Bytes {
+        Bytes { start: ctx.data(), end: ctx.data_end() }
+    }
+}
+
+/// A bounds-checked pointer to a `T` at `off` (the check the verifier needs
+/// before every packet access).
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
+pub fn ptr_at<T>(bytes: Bytes, off: usize) -> Option<*mut T> {
+    if bytes.start + off + core::mem::size_of::<T>() > bytes.end {
         return None;
     }
-    Some((start + off) as *const T)
+    Some((bytes.start + off) as *mut T)
 }
 
 /// `Ok(None)` for traffic the datapath leaves alone (not IPv4, not TCP/UDP,
@@ -58,6 +72,12 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
     if ctx.data() + ETH_HLEN + 60 + 20 > ctx.data_end() {
         let _ = ctx.pull_data((ETH_HLEN + 20 + 20) as u32);
     }
+    parse_bytes(Bytes::of_tc(ctx))
+}
+
+/// [`parse`] over bytes already linear (XDP's always are).
+#[inline(always)]
+pub fn parse_bytes(ctx: Bytes) -> Result<Option<Packet>, u32> {
     let Some(ethertype) = ptr_at::<[u8; 2]>(ctx, 12) else {
         return Ok(None);
     };
