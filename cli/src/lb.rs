@@ -6,8 +6,9 @@ use aya::maps::{HashMap, MapData};
 use serde::Serialize;
 use weir_abi::{
     lb::{
-        BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
-        SVC_FLAG_EXTERNAL, SVC_FLAG_MAGLEV, SVC_FLAG_NODEPORT, Service, ServiceKey, SlotKey,
+        BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+        SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL, SVC_FLAG_LOADBALANCER, SVC_FLAG_LOCAL, SVC_FLAG_MAGLEV,
+        SVC_FLAG_NODEPORT, SVC_FLAG_SOURCE_RANGES, Service, ServiceKey, SlotKey,
     },
     map_name, proto,
 };
@@ -85,8 +86,22 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
         if svc.flags & SVC_FLAG_NODEPORT != 0 {
             flags.push("NodePort");
         }
-        if svc.flags & SVC_FLAG_EXTERNAL != 0 {
+        if svc.flags & SVC_FLAG_LOADBALANCER != 0 {
+            flags.push("LoadBalancer");
+        } else if svc.flags & SVC_FLAG_EXTERNAL != 0 {
             flags.push("ExternalIP");
+        }
+        // The traffic policy that applies here: internal for a ClusterIP,
+        // external for the rest (Cilium prints "Local" likewise).
+        if svc.flags & SVC_FLAG_LOCAL != 0 {
+            flags.push(if svc.flags & SVC_FLAG_CLUSTER_IP != 0 { "InternalLocal" } else { "ExternalLocal" });
+        }
+        // The in-cluster twin of an externalTrafficPolicy=Local address.
+        if key.scope == SCOPE_INTERNAL {
+            flags.push("internal");
+        }
+        if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+            flags.push("SourceRanges");
         }
         if svc.flags & SVC_FLAG_MAGLEV != 0 {
             flags.push("Maglev");
@@ -103,7 +118,9 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
             backends,
         });
     }
-    rows.sort_by_key(|r| (r.frontend.address, r.frontend.port, r.frontend.protocol));
+    rows.sort_by_key(|r| {
+        (r.frontend.address, r.frontend.port, r.frontend.protocol, r.flags.contains(&"internal"))
+    });
 
     match format {
         Format::Json => print_json(&rows),

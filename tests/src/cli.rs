@@ -162,8 +162,12 @@ impl Cli {
 
     /// The `lb list` row for one frontend, if present.
     pub fn service(&self, address: Ipv4Addr, port: u16, protocol: &str) -> Result<Option<LbService>> {
+        // The external entry; an `internal` twin (eTP=Local) is not it.
         Ok(self.lb_list()?.into_iter().find(|s| {
-            s.frontend.address == address && s.frontend.port == port && s.frontend.protocol == protocol
+            s.frontend.address == address
+                && s.frontend.port == port
+                && s.frontend.protocol == protocol
+                && !s.flags.iter().any(|f| f == "internal")
         }))
     }
 

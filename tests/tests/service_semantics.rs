@@ -15,9 +15,9 @@
 //! chance, all miss a backend that should not be used with a probability of
 //! at most 2^-49, so each test fails when the semantics are not honoured.
 //!
-//! One test is ignored: pods reaching an `externalTrafficPolicy: Local`
-//! address are held to the node's own endpoints, where kube-proxy and Cilium
-//! use every endpoint; the fix needs a lookup scope in the service key.
+//! Pods reaching an `externalTrafficPolicy: Local` address use every
+//! endpoint, as with kube-proxy and Cilium: the agent writes an internal
+//! twin of such a frontend, which in-cluster clients look up.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
@@ -227,6 +227,13 @@ fn internal_traffic_policy_local_keeps_pods_on_their_own_node() -> Result<()> {
         || TcpConn::connect(&client, target, FAILING_TIMEOUT),
         "a ClusterIP without local endpoints",
     )?;
+    // Dropped, not refused: kube-proxy's "has no local endpoints" is a DROP
+    // (a service without any endpoint is a REJECT).
+    let attempt = client.run(move || TcpStream::connect_timeout(&target.into(), FAILING_TIMEOUT))?;
+    ensure!(
+        attempt.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut),
+        "a Local policy without local endpoints drops (the connect times out): {attempt:?}"
+    );
     ensure!(remote_server.accepted() == 0, "the remote backend got {} connections", remote_server.accepted());
 
     write(&bed, "Cluster", &[remote_endpoint])?;
@@ -312,8 +319,6 @@ fn session_affinity_ends_after_the_timeout_without_connections() -> Result<()> {
 /// external destinations" jumps to the cluster-wide chain) and Cilium does
 /// (its internal lookup scope). Here the only endpoint is on the other node.
 #[test]
-#[ignore = "known gap: from-pod uses the externally scoped backends of an eTP=Local address; \
-            needs an internal lookup scope in the service key (ebpf/abi)"]
 fn pods_reach_an_external_traffic_policy_local_address_through_every_endpoint() -> Result<()> {
     let mut bed = TestBed::new()?;
     let node2 = second_node(&bed)?;
@@ -341,6 +346,17 @@ fn pods_reach_an_external_traffic_policy_local_address_through_every_endpoint() 
         answer.as_ref().is_ok_and(|name| name == "remote"),
         "a pod connecting to the LoadBalancer IP: {answer:?}"
     );
+    // `weir lb list`: the external entry (no local backend) and its twin.
+    let rows = bed.cli().lb_list()?;
+    let at_lb: Vec<&LbService> = rows.iter().filter(|r| r.frontend.address == lb_ip).collect();
+    let external = at_lb.iter().find(|r| !r.flags.iter().any(|f| f == "internal")).context("external row")?;
+    let internal = at_lb.iter().find(|r| r.flags.iter().any(|f| f == "internal")).context("internal row")?;
+    ensure!(
+        ["LoadBalancer", "ExternalLocal"].iter().all(|f| external.flags.iter().any(|x| x == f))
+            && external.backends.is_empty(),
+        "the external entry: type, policy, local backends only: {external:?}"
+    );
+    ensure!(internal.backends.len() == 1, "the internal twin has every endpoint: {internal:?}");
     Ok(())
 }
 

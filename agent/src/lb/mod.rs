@@ -7,12 +7,15 @@ pub mod translate;
 
 use std::net::Ipv4Addr;
 
-/// A frontend: one (ClusterIP, port, protocol).
+/// A frontend: one (address, port, protocol) in one lookup scope
+/// (`weir_abi::lb::SCOPE_*`: external, or the in-cluster twin of an
+/// `externalTrafficPolicy: Local` address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     pub address: Ipv4Addr,
     pub port: u16,
     pub proto: u8,
+    pub scope: u8,
 }
 
 /// A backend: one (endpoint IP, target port, protocol).
@@ -25,7 +28,11 @@ pub struct BackendAddr {
 
 impl std::fmt::Display for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}/{}", self.address, self.port, weir_abi::proto::name(self.proto))
+        write!(f, "{}:{}/{}", self.address, self.port, weir_abi::proto::name(self.proto))?;
+        if self.scope == weir_abi::lb::SCOPE_INTERNAL {
+            write!(f, " (internal)")?;
+        }
+        Ok(())
     }
 }
 

@@ -91,7 +91,12 @@ pub struct LbState {
 }
 
 fn key_of(frontend: &Frontend) -> ServiceKey {
-    ServiceKey::new(u32::from_ne_bytes(frontend.address.octets()), frontend.port.to_be(), frontend.proto)
+    ServiceKey::with_scope(
+        u32::from_ne_bytes(frontend.address.octets()),
+        frontend.port.to_be(),
+        frontend.proto,
+        frontend.scope,
+    )
 }
 
 fn addr_of(backend: &Backend) -> BackendAddr {
@@ -554,6 +559,7 @@ mod tests {
                         address: key.address_be.to_ne_bytes().into(),
                         port: u16::from_be(key.port_be),
                         proto: key.proto,
+                        scope: key.scope,
                     };
                     let backends = (1..=u32::from(svc.count))
                         .map(|slot| {
@@ -578,7 +584,7 @@ mod tests {
     }
 
     fn frontend(ip: &str, port: u16) -> Frontend {
-        Frontend { address: ip.parse().unwrap(), port, proto: 6 }
+        Frontend { address: ip.parse().unwrap(), port, proto: 6, scope: 0 }
     }
 
     fn backends(n: impl IntoIterator<Item = u8>) -> BTreeSet<BackendAddr> {

@@ -8,7 +8,10 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use weir_abi::lb::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL, SVC_FLAG_NODEPORT, SVC_FLAG_SOURCE_RANGES};
+use weir_abi::lb::{
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL, SVC_FLAG_LOADBALANCER,
+    SVC_FLAG_LOCAL, SVC_FLAG_NODEPORT, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+};
 
 use super::{BackendAddr, Frontend};
 
@@ -214,21 +217,33 @@ pub fn desired_frontends_on(
                 let terminating = !fallback.is_empty();
                 (fallback, terminating)
             };
-            let mut add = |address: Ipv4Addr, port: u16, flags: u16, local: bool| {
+            let mut insert = |address: Ipv4Addr, port: u16, scope: u8, flags: u16, local: bool| {
                 let (backends, terminating) = pick(local);
                 let ranged = flags & SVC_FLAG_SOURCE_RANGES != 0;
                 desired.insert(
-                    Frontend { address, port, proto },
+                    Frontend { address, port, proto, scope },
                     FrontendSpec {
                         service: format!("{namespace}/{name}"),
                         backends,
                         terminating,
                         affinity_timeout: affinity_timeout(svc),
                         maglev,
-                        flags,
+                        flags: flags | if local { SVC_FLAG_LOCAL } else { 0 },
                         source_ranges: if ranged { source_ranges.clone() } else { Vec::new() },
                     },
                 );
+            };
+            // An external address under a Local policy serves in-cluster
+            // clients from every endpoint, as kube-proxy does: a twin entry
+            // in the internal scope, which they look up instead.
+            let mut add = |address: Ipv4Addr, port: u16, flags: u16, local: bool| {
+                let external = flags & (SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL) != 0;
+                if external && local && node.is_some() {
+                    insert(address, port, SCOPE_EXTERNAL, flags | SVC_FLAG_TWO_SCOPES, true);
+                    insert(address, port, SCOPE_INTERNAL, flags & !SVC_FLAG_SOURCE_RANGES, false);
+                } else {
+                    insert(address, port, SCOPE_EXTERNAL, flags, local);
+                }
             };
             for address in &ips {
                 add(*address, frontend_port, SVC_FLAG_CLUSTER_IP, internal_local);
@@ -241,8 +256,9 @@ pub fn desired_frontends_on(
             for address in &external_ips {
                 add(*address, frontend_port, SVC_FLAG_EXTERNAL, external_local);
             }
-            let lb_flags =
-                SVC_FLAG_EXTERNAL | if source_ranges.is_empty() { 0 } else { SVC_FLAG_SOURCE_RANGES };
+            let lb_flags = SVC_FLAG_EXTERNAL
+                | SVC_FLAG_LOADBALANCER
+                | if source_ranges.is_empty() { 0 } else { SVC_FLAG_SOURCE_RANGES };
             for address in &lb_ips {
                 add(*address, frontend_port, lb_flags, external_local);
             }
@@ -297,8 +313,8 @@ endpoints:
     #[test]
     fn ready_endpoints_become_backends_per_named_port() {
         let desired = desired_frontends(&[web_service()], &[web_slice()]);
-        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6 };
-        let dns = Frontend { address: "10.96.0.10".parse().unwrap(), port: 53, proto: 17 };
+        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6, scope: 0 };
+        let dns = Frontend { address: "10.96.0.10".parse().unwrap(), port: 53, proto: 17, scope: 0 };
         assert_eq!(desired.len(), 2);
         assert_eq!(desired[&http].service, "shop/web");
         assert_eq!(
@@ -320,7 +336,7 @@ endpoints:
             yaml("{addresses: [10.244.0.8], conditions: {ready: false, serving: false, terminating: true}}"),
         ];
         let desired = desired_frontends(&[web_service()], &[slice.clone()]);
-        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6 };
+        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6, scope: 0 };
         assert!(desired[&http].terminating);
         assert_eq!(
             desired[&http].backends,
@@ -341,7 +357,7 @@ endpoints:
         let mut slice = web_slice();
         slice.endpoints[0].node_name = Some("n1".into());
         slice.endpoints[1].node_name = Some("n2".into());
-        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6 };
+        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6, scope: 0 };
         let on_n1 = desired_frontends_on(&[svc.clone()], &[slice.clone()], Some("n1"), &[], false);
         assert_eq!(on_n1[&http].backends, [backend("10.244.0.2", 8080, 6)].into());
         let on_n3 = desired_frontends_on(&[svc], &[slice], Some("n3"), &[], false);
@@ -367,18 +383,23 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.9}]}}
         slice.endpoints[1].node_name = Some("n2".into());
         let node_ip: Ipv4Addr = "192.0.2.1".parse().unwrap();
         let d = desired_frontends_on(&[svc], &[slice], Some("n1"), &[node_ip], false);
-        let fe = |ip: &str, port| Frontend { address: ip.parse().unwrap(), port, proto: 6 };
+        let fe = |ip: &str, port| Frontend { address: ip.parse().unwrap(), port, proto: 6, scope: 0 };
+        let internal = |ip: &str, port| Frontend { scope: SCOPE_INTERNAL, ..fe(ip, port) };
         assert_eq!(d[&fe("10.96.0.10", 80)].flags, SVC_FLAG_CLUSTER_IP);
         assert_eq!(d[&fe("10.96.0.10", 80)].backends.len(), 2, "eTP does not apply to ClusterIP traffic");
-        assert_eq!(d[&fe("192.0.2.1", 30080)].flags, SVC_FLAG_NODEPORT);
+        let local_twin = SVC_FLAG_LOCAL | SVC_FLAG_TWO_SCOPES;
+        assert_eq!(d[&fe("192.0.2.1", 30080)].flags, SVC_FLAG_NODEPORT | local_twin);
         assert_eq!(
             d[&fe("192.0.2.1", 30080)].backends,
             [backend("10.244.0.2", 8080, 6)].into(),
             "externalTrafficPolicy Local: this node's endpoints only"
         );
-        assert_eq!(d[&fe("198.51.100.7", 80)].flags, SVC_FLAG_EXTERNAL);
-        assert_eq!(d[&fe("203.0.113.9", 80)].flags, SVC_FLAG_EXTERNAL);
-        assert_eq!(d.len(), 4);
+        assert_eq!(d[&internal("192.0.2.1", 30080)].flags, SVC_FLAG_NODEPORT);
+        assert_eq!(d[&internal("192.0.2.1", 30080)].backends.len(), 2, "in-cluster clients: every endpoint");
+        assert_eq!(d[&fe("198.51.100.7", 80)].flags, SVC_FLAG_EXTERNAL | local_twin);
+        assert_eq!(d[&fe("203.0.113.9", 80)].flags, SVC_FLAG_EXTERNAL | SVC_FLAG_LOADBALANCER | local_twin);
+        assert_eq!(d[&internal("203.0.113.9", 80)].flags, SVC_FLAG_EXTERNAL | SVC_FLAG_LOADBALANCER);
+        assert_eq!(d.len(), 7, "ClusterIP, and three external addresses with their internal twins");
     }
 
     #[test]
@@ -398,7 +419,7 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.9}]}}
         second.metadata.name = Some("web-def".into());
         second.endpoints = vec![yaml("addresses: [10.244.1.9]")];
         let desired = desired_frontends(&[web_service()], &[web_slice(), second]);
-        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6 };
+        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6, scope: 0 };
         assert_eq!(desired[&http].backends.len(), 3);
     }
 

@@ -3,22 +3,37 @@
 //! backend map shared by all frontends. The datapath does one lookup in each,
 //! whatever the number of services or backends.
 
-/// Key of the services map: one frontend (ClusterIP, port, protocol).
+/// Key of the services map: one frontend (address, port, protocol) in one
+/// lookup scope.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub address_be: u32,
     pub port_be: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// `SCOPE_*` (Cilium's `lb4_key.scope`).
+    pub scope: u8,
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 
 impl ServiceKey {
     pub const fn new(address_be: u32, port_be: u16, proto: u8) -> Self {
-        Self { address_be, port_be, proto, _pad: 0 }
+        Self { address_be, port_be, proto, scope: SCOPE_EXTERNAL }
+    }
+
+    pub const fn with_scope(address_be: u32, port_be: u16, proto: u8, scope: u8) -> Self {
+        Self { address_be, port_be, proto, scope }
     }
 }
+
+/// The entry every lookup starts with; the only one for most frontends.
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// The entry for in-cluster clients (pods, node processes) of an address
+/// whose external entry keeps to this node's backends
+/// (`externalTrafficPolicy: Local`): kube-proxy sends in-cluster traffic to
+/// such an address to every endpoint. Present when the external entry has
+/// [`SVC_FLAG_TWO_SCOPES`].
+pub const SCOPE_INTERNAL: u8 = 1;
 
 /// The frontend is a ClusterIP.
 pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
@@ -36,6 +51,14 @@ pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 4;
 /// at random: every node picks the same backend for the same flow, and
 /// removing one of N backends moves about 1/N of the flows.
 pub const SVC_FLAG_MAGLEV: u16 = 1 << 5;
+/// The external IP is a LoadBalancer's `status.loadBalancer.ingress` IP.
+pub const SVC_FLAG_LOADBALANCER: u16 = 1 << 6;
+/// A `Local` traffic policy applies (internal for a ClusterIP, external for
+/// the rest): only this node's endpoints are backends, and with none the
+/// traffic is dropped, not rejected (kube-proxy's "has no local endpoints").
+pub const SVC_FLAG_LOCAL: u16 = 1 << 7;
+/// In-cluster clients use this frontend's [`SCOPE_INTERNAL`] entry.
+pub const SVC_FLAG_TWO_SCOPES: u16 = 1 << 8;
 
 /// Key of the Maglev map: entry `index` of a service's lookup table; the
 /// value is a backend id.

@@ -153,7 +153,8 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
 
     // 4. A new connection: pick a backend if it goes to a frontend, then
     //    take the egress verdict against where it really goes.
-    let service = if pkt.can_nat { lb::lookup_service(pkt.daddr_be, pkt.dport_be, pkt.proto) } else { None };
+    let service =
+        if pkt.can_nat { lb::lookup_service_internal(pkt.daddr_be, pkt.dport_be, pkt.proto) } else { None };
     let (target_be, target_port_be, backend) = match &service {
         Some(service) => {
             let (backend_id, backend) = lb::select_backend(service, pkt.saddr_be, now, packet_hash(pkt))?;

@@ -3,8 +3,8 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use weir_abi::{
     lb::{
-        AffinityEntry, AffinityKey, Backend, MaglevKey, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, Service,
-        ServiceKey, SlotKey,
+        AffinityEntry, AffinityKey, Backend, MaglevKey, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_LOCAL,
+        SVC_FLAG_MAGLEV, SVC_FLAG_TWO_SCOPES, Service, ServiceKey, SlotKey,
     },
     metrics::DROP_NO_SERVICE,
 };
@@ -16,6 +16,29 @@ pub fn lookup_service(address_be: u32, port_be: u16, proto: u8) -> Option<Servic
     let key = ServiceKey::new(address_be, port_be, proto);
     // SAFETY: the value is copied out at once.
     SERVICES.get_ptr(&key).map(|svc| unsafe { *svc })
+}
+
+/// The frontend in-cluster clients (pods, node processes) use: the internal
+/// entry of an address that has one (see `SCOPE_INTERNAL`), else the only one.
+#[inline(always)]
+pub fn lookup_service_internal(address_be: u32, port_be: u16, proto: u8) -> Option<Service> {
+    let svc = lookup_service(address_be, port_be, proto)?;
+    if svc.flags & SVC_FLAG_TWO_SCOPES == 0 {
+        return Some(svc);
+    }
+    let key = ServiceKey::with_scope(address_be, port_be, proto, SCOPE_INTERNAL);
+    // SAFETY: the value is copied out at once.
+    SERVICES.get_ptr(&key).map(|internal| unsafe { *internal }).or(Some(svc))
+}
+
+/// Whether an in-cluster client's new connection to this address is to be
+/// dropped silently rather than refused: a `Local` traffic policy with no
+/// local endpoint (kube-proxy DROPs it; a service without any endpoint it
+/// REJECTs).
+#[inline(always)]
+pub fn local_without_backends(address_be: u32, port_be: u16, proto: u8) -> bool {
+    lookup_service_internal(address_be, port_be, proto)
+        .is_some_and(|s| s.flags & SVC_FLAG_LOCAL != 0 && s.count == 0)
 }
 
 /// The backend a client's affinity names, if it is fresh and the backend

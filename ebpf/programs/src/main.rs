@@ -59,7 +59,7 @@ mod programs {
         metrics::{DROP_IS_CLUSTER_IP, DROP_NO_SERVICE},
     };
 
-    use crate::{Verdict, events, from_netdev, from_pod, metrics, packet, reject, sock, to_pod, xdp};
+    use crate::{Verdict, events, from_netdev, from_pod, lb, metrics, packet, reject, sock, to_pod, xdp};
 
     /// Attached to tcx ingress of a pod's host-side veth: traffic from the pod.
     #[classifier]
@@ -71,7 +71,10 @@ mod programs {
                     events::drop(&ctx, &pkt, reason, OBSERVED_FROM_POD, DIRECTION_EGRESS);
                     // A service address with nothing behind it: refuse, as
                     // kube-proxy's REJECT does, rather than let it time out.
-                    if (reason == DROP_NO_SERVICE || reason == DROP_IS_CLUSTER_IP) && reject::applies(&pkt) {
+                    if (reason == DROP_NO_SERVICE || reason == DROP_IS_CLUSTER_IP)
+                        && reject::applies(&pkt)
+                        && !lb::local_without_backends(pkt.daddr_be, pkt.dport_be, pkt.proto)
+                    {
                         metrics::count(reason, ctx.len());
                         if let Some(action) = reject::port_unreachable(&ctx, &pkt) {
                             return action;

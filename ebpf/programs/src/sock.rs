@@ -63,7 +63,7 @@ pub fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
         17 => proto::UDP,
         _ => return PROCEED,
     };
-    let Some(service) = lb::lookup_service(address_be, port_be, proto) else {
+    let Some(service) = lb::lookup_service_internal(address_be, port_be, proto) else {
         return PROCEED;
     };
     // SAFETY: the helper reads the context the kernel handed us.
