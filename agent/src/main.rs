@@ -118,7 +118,8 @@ struct Args {
     /// Socket LB for the node's own processes (kubelet, hostNetwork pods):
     /// attach the connect/sendmsg/recvmsg/getpeername hooks to this cgroup v2
     /// directory (the host's cgroup root on a real node, e.g. /sys/fs/cgroup).
-    /// They act only on sockets in the agent's network namespace. Unset: off.
+    /// They act only on sockets in the agent's network namespace, and NodePorts
+    /// then answer on 127.0.0.1 too (kube-proxy's localhost NodePorts). Unset: off.
     #[arg(long)]
     socket_lb_cgroup: Option<PathBuf>,
     #[command(flatten)]
@@ -291,6 +292,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut agent = node::Agent::adopt(args.node_name.clone(), datapath, args.hairpin_snat_ip, maglev)?;
     agent.acceleration = args.lb_acceleration;
     agent.device_names = args.devices.clone();
+    // Only node processes can reach 127.0.0.1, and only the socket LB sees them.
+    agent.localhost_node_ports = args.socket_lb_cgroup.is_some();
     let _flow_metrics = flows::start(
         &args.flows,
         agent.datapath.take_events(),

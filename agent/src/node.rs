@@ -50,6 +50,9 @@ pub struct Agent {
     /// `--devices`: the devices that carry north-south traffic (and whose
     /// addresses serve NodePorts); empty means every device with an address.
     pub device_names: Vec<String>,
+    /// Serve NodePorts on 127.0.0.1 too (kube-proxy's localhost NodePorts):
+    /// only node processes reach that address, through the socket LB.
+    pub localhost_node_ports: bool,
     /// Devices where native XDP failed, warned about once.
     xdp_unsupported: BTreeSet<String>,
 }
@@ -110,6 +113,7 @@ impl Agent {
             maglev_by_default: maglev.by_default,
             acceleration: Acceleration::default(),
             device_names: Vec::new(),
+            localhost_node_ports: false,
             xdp_unsupported: BTreeSet::new(),
         })
     }
@@ -129,7 +133,11 @@ impl Agent {
         }
         let addresses: Vec<Ipv4Addr> = devices.iter().map(|(_, ip)| *ip).collect();
         let mut failed = Vec::new();
-        let services = self.apply_services(cluster, &addresses, &mut failed);
+        let mut frontend_addresses = addresses.clone();
+        if self.localhost_node_ports {
+            frontend_addresses.push(Ipv4Addr::LOCALHOST);
+        }
+        let services = self.apply_services(cluster, &frontend_addresses, &mut failed);
         let (identities, by_ip) = self.apply_policy(cluster, &addresses, &mut failed);
         self.devices = devices;
         self.publish_names(cluster, services, identities, &by_ip);

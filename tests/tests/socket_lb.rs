@@ -27,6 +27,7 @@ use weir_tests::servers::{TcpMode, TcpServer, UdpServer};
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 1);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 40, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 40, 11);
+const NODE_PORT: u16 = 30400;
 /// `SOCK_LB_TRANSLATED` in weir_abi::metrics.
 const SOCK_LB_TRANSLATED: u32 = 7;
 
@@ -63,10 +64,13 @@ fn write_backends(bed: &TestBed, pods: &[&weir_tests::topology::Pod]) -> Result<
     let ports = [ServicePort::tcp("http", 80, 8080), ServicePort::udp("dns", 53, 5353)];
     let endpoints: Vec<Endpoint> =
         pods.iter().map(|p| Endpoint::for_pod(p.ip(), p.name(), bed.node().name())).collect();
+    let mut web = service(NAMESPACE, "web", &VIP.to_string(), &ports);
+    web["spec"]["type"] = serde_json::json!("NodePort");
+    web["spec"]["ports"][0]["nodePort"] = serde_json::json!(NODE_PORT);
     bed.manifests().write(
         "web.yaml",
         &[
-            service(NAMESPACE, "web", &VIP.to_string(), &ports),
+            web,
             endpoint_slice(NAMESPACE, "web", "s1", &endpoints, &ports),
             service(NAMESPACE, "empty", &EMPTY_VIP.to_string(), &ports[..1]),
         ],
@@ -113,6 +117,15 @@ fn node_processes_reach_services_through_the_socket_lb() -> Result<()> {
     let ct = bed.cli().ct_list()?;
     ensure!(ct.iter().all(|e| e.kind != "service"), "no service conntrack entry for socket LB: {ct:#?}");
 
+    // NodePorts from the node itself: on its address and on 127.0.0.1
+    // (kube-proxy's localhost NodePorts).
+    for address in [NODE_IP, Ipv4Addr::LOCALHOST] {
+        let target = SocketAddrV4::new(address, NODE_PORT);
+        let mut node_port = tcp_to(node, target)?;
+        ensure!(node_port.exchange()? == "backend-a", "a node process reaches the NodePort on {address}");
+        ensure!(node_port.peer_addr()? == SocketAddr::V4(target), "getpeername() shows {target}");
+    }
+
     // Unconnected UDP: sendmsg4 translates, recvmsg4 shows the service as source.
     let unconnected = node.run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))??;
     unconnected.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
@@ -127,7 +140,7 @@ fn node_processes_reach_services_through_the_socket_lb() -> Result<()> {
     ensure!(udp_exchange(&dns_socket)? == "backend-a");
     ensure!(dns_socket.peer_addr()? == SocketAddr::V4(dns), "getpeername() on UDP shows the service");
     let translated = bed.cli().metric_packets(SOCK_LB_TRANSLATED)? - translated_before;
-    ensure!(translated >= 3, "the socket-LB counter counts the translations: {translated}");
+    ensure!(translated >= 5, "the socket-LB counter counts the translations: {translated}");
 
     // No endpoints: refused at once, as kube-proxy's REJECT.
     let started = Instant::now();
