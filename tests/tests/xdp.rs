@@ -176,3 +176,46 @@ fn with_acceleration_disabled_tc_serves_north_south_traffic() -> Result<()> {
     ensure!(!links.iter().any(|l| l.starts_with("xdp:")), "no XDP link: {links:?}");
     Ok(())
 }
+
+/// The XDP link is pinned like the tc links: with the agent SIGKILLed, a
+/// NodePort connection through XDP_TX keeps working; the restarted agent
+/// adopts the link (same id, program swapped in place) and XDP goes on.
+#[test]
+fn xdp_keeps_serving_while_the_agent_restarts() -> Result<()> {
+    let mut bed = TestBed::new()?;
+    let net = one_armed(&bed)?;
+    let remote = net.node2.add_pod("remote", REMOTE_POD_IP)?;
+    let _server = TcpServer::start(&remote, 8080, TcpMode::Lines)?;
+    let ports = [ServicePort::tcp("http", 80, 8080)];
+    let mut svc = service(NAMESPACE, "far", "10.96.50.3", &ports);
+    svc["spec"]["type"] = serde_json::json!("NodePort");
+    svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(REMOTE_NODE_PORT);
+    let endpoints = [Endpoint::for_pod(remote.ip(), remote.name(), net.node2.name())];
+    bed.manifests().write("far.yaml", &[svc, endpoint_slice(NAMESPACE, "far", "s1", &endpoints, &ports)])?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, NODE1_IP, REMOTE_NODE_PORT, "TCP", &[remote.ip()])?;
+    bed.wait_attached()?;
+
+    let mut conn = connect(&net.client, SocketAddrV4::new(NODE1_IP, REMOTE_NODE_PORT))?;
+    ensure!(conn.exchange()? == "remote");
+    let mut links_before = bed.agent().pinned_links()?;
+    bed.agent_mut().kill()?;
+    let tx_down = bed.cli().metric_packets(XDP_TX)?;
+    for _ in 0..3 {
+        ensure!(conn.exchange()? == "remote", "the connection works with the agent down");
+    }
+    ensure!(bed.cli().metric_packets(XDP_TX)? > tx_down, "through XDP while the agent is down");
+
+    bed.agent_mut().restart()?;
+    bed.agent_mut().wait_for_log_line(AGENT_TIMEOUT, "the XDP link adopted", |line| {
+        line.contains("adopted pinned link") && line.contains("hook=\"xdp\"")
+    })?;
+    bed.wait_attached()?;
+    let mut links_after = bed.agent().pinned_links()?;
+    links_before.sort_unstable();
+    links_after.sort_unstable();
+    ensure!(links_after == links_before, "links adopted, not recreated: {links_before:?} → {links_after:?}");
+    let tx_up = bed.cli().metric_packets(XDP_TX)?;
+    ensure!(conn.exchange()? == "remote", "the connection works after the restart");
+    ensure!(bed.cli().metric_packets(XDP_TX)? > tx_up, "through XDP after the restart");
+    Ok(())
+}
