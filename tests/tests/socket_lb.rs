@@ -205,6 +205,20 @@ fn node_processes_reach_services_through_the_socket_lb() -> Result<()> {
         ct.iter().any(|e| e.kind == "service"),
         "the pod's connection went through the tc datapath (a service entry): {ct:#?}"
     );
+
+    // The hooks are pinned links: the socket LB serves with the agent down,
+    // and the restarted agent replaces them without a gap.
+    bed.agent_mut().kill()?;
+    let mut while_down = tcp_to(bed.node().netns(), http)?;
+    ensure!(while_down.exchange()? == "backend-b", "socket LB with the agent down");
+    bed.agent_mut().restart()?;
+    wait_until(AGENT_TIMEOUT, "the restarted agent to attach the socket LB", || {
+        bed.agent_mut().ensure_running()?;
+        Ok(bed.agent().log().matches("socket LB attached").count() >= 2)
+    })?;
+    let mut after = tcp_to(bed.node().netns(), http)?;
+    ensure!(after.exchange()? == "backend-b", "socket LB after the restart");
+    ensure!(while_down.exchange()? == "backend-b", "a connection made meanwhile keeps working");
     drop(membership);
     Ok(())
 }
