@@ -180,3 +180,45 @@ fn load_balancer_source_ranges_admit_only_listed_clients() -> Result<()> {
     ensure!(client.run(move || TcpStream::connect_timeout(&node_port.into(), DEFAULT_TIMEOUT))?.is_ok());
     Ok(())
 }
+
+/// `--devices` limits north-south handling to the listed devices: NodePorts
+/// answer on their addresses only, and only they get the XDP/tc programs.
+#[test]
+fn devices_flag_limits_node_ports_to_the_listed_devices() -> Result<()> {
+    let options = weir_tests::agent::AgentOptions {
+        extra_args: vec!["--devices".into(), "ext0".into()],
+        ..Default::default()
+    };
+    let mut bed = TestBed::with_options(options)?;
+    let outside = NetNs::create(&format!("{}-out", bed.node().name()))?;
+    let node = bed.node().netns();
+    for (dev, peer, node_ip, peer_ip) in
+        [("ext0", "p0", "198.18.60.1", "198.18.60.2"), ("ext1", "p1", "198.18.61.1", "198.18.61.2")]
+    {
+        node.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer, "netns", outside.name()])?;
+        node.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", dev])?;
+        node.ip(&["link", "set", dev, "up"])?;
+        outside.ip(&["addr", "add", &format!("{peer_ip}/24"), "dev", peer])?;
+        outside.ip(&["link", "set", peer, "up"])?;
+    }
+    let backend = bed.add_pod("backend")?;
+    let ports = [ServicePort::tcp("http", 80, 8080)];
+    let mut svc = service(NAMESPACE, "np", "10.96.0.33", &ports);
+    svc["spec"]["type"] = serde_json::json!("NodePort");
+    svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(30083);
+    let endpoints = [Endpoint::for_pod(backend.ip(), backend.name(), bed.node().name())];
+    bed.manifests().write("np.yaml", &[svc, endpoint_slice(NAMESPACE, "np", "s1", &endpoints, &ports)])?;
+    let listed = Ipv4Addr::new(198, 18, 60, 1);
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, listed, 30083, "TCP", &[backend.ip()])?;
+    bed.wait_attached()?;
+    let rows = bed.cli().lb_list()?;
+    let node_ports: Vec<Ipv4Addr> =
+        rows.iter().filter(|r| r.frontend.port == 30083).map(|r| r.frontend.address).collect();
+    ensure!(node_ports == [listed], "the NodePort is served on ext0's address only: {node_ports:?}");
+    let pins: Vec<String> = std::fs::read_dir(bed.agent().bpffs_root().join("links"))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    ensure!(pins.iter().any(|p| p.ends_with(":ext0")), "ext0 has the north-south programs: {pins:?}");
+    ensure!(!pins.iter().any(|p| p.ends_with(":ext1")), "ext1 is left alone: {pins:?}");
+    Ok(())
+}
