@@ -281,6 +281,7 @@ impl Agent {
             &cluster.services,
             &cluster.endpoint_slices,
             Some(&self.node_name),
+            cluster.zone_of(&self.node_name),
             node_addresses,
             self.maglev_by_default,
         );

@@ -1,6 +1,6 @@
 //! Kubernetes manifests for the agent's `--source dir:PATH`: builders for the
-//! objects the agent understands (Namespace, Pod, Service, EndpointSlice) and
-//! a directory guard that writes files atomically.
+//! objects the agent understands (Namespace, Node, Pod, Service,
+//! EndpointSlice) and a directory guard that writes files atomically.
 //!
 //! Builders return `serde_json::Value`s rather than typed structs so a test
 //! can break one on purpose (`svc["spec"]["ports"][0]["port"] = json!(70000)`)
@@ -66,12 +66,22 @@ pub struct Endpoint {
     /// The backing pod (targetRef), informational.
     pub pod_name: Option<String>,
     pub node_name: Option<String>,
+    /// `hints.forZones`; no `hints` at all when empty.
+    pub zone_hints: Vec<String>,
 }
 
 impl Endpoint {
     /// A ready endpoint.
     pub fn ready(ip: Ipv4Addr) -> Endpoint {
-        Endpoint { ip, ready: true, serving: None, terminating: None, pod_name: None, node_name: None }
+        Endpoint {
+            ip,
+            ready: true,
+            serving: None,
+            terminating: None,
+            pod_name: None,
+            node_name: None,
+            zone_hints: Vec::new(),
+        }
     }
 
     /// An endpoint with `conditions.ready: false` (not a backend).
@@ -94,6 +104,12 @@ impl Endpoint {
     pub fn terminating(self, serving: bool) -> Endpoint {
         Endpoint { ready: false, serving: Some(serving), terminating: Some(true), ..self }
     }
+
+    /// This endpoint with topology hints for `zones` (what the EndpointSlice
+    /// controller writes for `trafficDistribution: PreferSameZone`).
+    pub fn for_zones(self, zones: &[&str]) -> Endpoint {
+        Endpoint { zone_hints: zones.iter().map(|z| (*z).to_owned()).collect(), ..self }
+    }
 }
 
 /// A v1 Namespace.
@@ -103,6 +119,23 @@ pub fn namespace(name: &str) -> Value {
         "kind": "Namespace",
         "metadata": { "name": name },
     })
+}
+
+/// The label that puts a Node in a zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// A v1 Node named `name`, in `zone` (its `topology.kubernetes.io/zone`
+/// label) when given.
+pub fn node(name: &str, zone: Option<&str>) -> Value {
+    let mut node = json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": name, "labels": { "kubernetes.io/hostname": name } },
+    });
+    if let Some(zone) = zone {
+        node["metadata"]["labels"][ZONE_LABEL] = json!(zone);
+    }
+    node
 }
 
 /// A v1 Pod scheduled on `node_name` with `ip` as its (only) address. The
@@ -178,6 +211,10 @@ pub fn endpoint_slice(
             }
             if let Some(pod) = &e.pod_name {
                 v["targetRef"] = json!({ "kind": "Pod", "namespace": namespace, "name": pod });
+            }
+            if !e.zone_hints.is_empty() {
+                let zones: Vec<Value> = e.zone_hints.iter().map(|z| json!({ "name": z })).collect();
+                v["hints"] = json!({ "forZones": zones });
             }
             v
         })
@@ -264,7 +301,7 @@ mod tests {
             &[
                 Endpoint::ready(Ipv4Addr::new(10, 244, 0, 3)),
                 Endpoint::not_ready(Ipv4Addr::new(10, 244, 0, 4)),
-                Endpoint::ready(Ipv4Addr::new(10, 244, 0, 5)).terminating(true),
+                Endpoint::ready(Ipv4Addr::new(10, 244, 0, 5)).terminating(true).for_zones(&["a"]),
             ],
             &ports,
         );
@@ -273,6 +310,9 @@ mod tests {
         assert_eq!(slice["ports"][0]["port"], 8080);
         assert_eq!(slice["endpoints"][1]["conditions"]["ready"], false);
         assert_eq!(slice["endpoints"][1]["conditions"].get("serving"), None, "unset unless asked");
+        assert_eq!(slice["endpoints"][1].get("hints"), None, "no hints unless asked");
+        assert_eq!(slice["endpoints"][2]["hints"], json!({"forZones": [{"name": "a"}]}));
+        assert_eq!(node("n1", Some("a"))["metadata"]["labels"][ZONE_LABEL], "a");
         assert_eq!(
             slice["endpoints"][2]["conditions"],
             json!({"ready": false, "serving": true, "terminating": true})

@@ -107,17 +107,102 @@ fn namespace_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectM
 /// not false (unset means ready), and only its first address counts.
 #[cfg(test)]
 pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Desired {
-    desired_frontends_on(services, slices, None, &[], false)
+    desired_frontends_on(services, slices, None, None, &[], false)
 }
 
-/// [`desired_frontends`] as seen from `node`: Services with
+/// One endpoint of a service port, as endpoint selection sees it.
+struct Candidate<'a> {
+    backend: BackendAddr,
+    node: Option<&'a str>,
+    ready: bool,
+    /// Serving and terminating: the fallback when nothing is ready.
+    serving_terminating: bool,
+    /// `hints.forZones` names.
+    zone_hints: Vec<&'a str>,
+    /// `hints.forNodes` names.
+    node_hints: Vec<&'a str>,
+}
+
+impl Candidate<'_> {
+    /// The hints `topology` goes by.
+    fn hints(&self, topology: Topology) -> &[&str] {
+        match topology {
+            Topology::Any => &[],
+            Topology::SameNode => &self.node_hints,
+            Topology::SameZone => &self.zone_hints,
+        }
+    }
+}
+
+/// Which Cluster-policy endpoints this node uses, from the hints
+/// (kube-proxy's `topologyModeFromHints`, pkg/proxy/topology.go).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// No usable hints: every endpoint.
+    Any,
+    /// `PreferSameNode`: the endpoints hinted for this node.
+    SameNode,
+    /// `PreferSameZone` (and `topology-mode: Auto`, `PreferClose`): the
+    /// endpoints hinted for this node's zone.
+    SameZone,
+}
+
+/// Where the agent runs: the names hints are matched against.
+#[derive(Clone, Copy)]
+struct Here<'a> {
+    node: Option<&'a str>,
+    zone: Option<&'a str>,
+}
+
+impl Here<'_> {
+    fn name(&self, topology: Topology) -> Option<&str> {
+        match topology {
+            Topology::Any => None,
+            Topology::SameNode => self.node,
+            Topology::SameZone => self.zone,
+        }
+    }
+}
+
+impl Topology {
+    /// Hints count only if *every* ready endpoint carries them and one is
+    /// for this node (zone): a slice whose hints are being added or removed
+    /// does not funnel all of this node's traffic into the few endpoints
+    /// already hinted, and a node no hint names keeps every endpoint rather
+    /// than none. Node hints are tried first; kube-proxy honours them since
+    /// PreferSameTrafficDistribution (GA and locked on in 1.35). Neither the
+    /// Service's `trafficDistribution` nor its `topology-mode` annotation is
+    /// read here: the EndpointSlice controller turns them into hints, and
+    /// since ServiceTrafficDistribution (GA in 1.33) kube-proxy goes by the
+    /// hints alone.
+    fn from_hints(endpoints: &[Candidate], here: Here) -> Self {
+        let ready: Vec<&Candidate> = endpoints.iter().filter(|e| e.ready).collect();
+        let honoured = |topology: Topology| {
+            here.name(topology).is_some_and(|mine| {
+                !ready.is_empty()
+                    && ready.iter().all(|e| !e.hints(topology).is_empty())
+                    && ready.iter().any(|e| e.hints(topology).contains(&mine))
+            })
+        };
+        [Self::SameNode, Self::SameZone].into_iter().find(|t| honoured(*t)).unwrap_or(Self::Any)
+    }
+
+    fn admits(self, endpoint: &Candidate, here: Here) -> bool {
+        self == Self::Any || here.name(self).is_some_and(|mine| endpoint.hints(self).contains(&mine))
+    }
+}
+
+/// [`desired_frontends`] as seen from `node`, in `zone` (its Node's
+/// `topology.kubernetes.io/zone` label): Services with
 /// `internalTrafficPolicy: Local` keep only the endpoints on this node (and
 /// none elsewhere: with no local endpoint their traffic is dropped, as
-/// kube-proxy drops it).
+/// kube-proxy drops it), and Cluster policies follow the EndpointSlices'
+/// topology hints for this node or zone.
 pub fn desired_frontends_on(
     services: &[Service],
     slices: &[EndpointSlice],
     node: Option<&str>,
+    zone: Option<&str>,
     node_addresses: &[Ipv4Addr],
     maglev_by_default: bool,
 ) -> Desired {
@@ -177,7 +262,6 @@ pub fn desired_frontends_on(
                 continue;
             };
             let port_name = port.name.as_deref().unwrap_or("");
-            // (backend, node, ready, serving and terminating)
             let mut endpoints = Vec::new();
             for slice in service_slices.into_iter().flatten() {
                 let slice_port = slice.ports.iter().flatten().find(|p| {
@@ -197,23 +281,41 @@ pub fn desired_frontends_on(
                     else {
                         continue;
                     };
-                    let backend = BackendAddr { address, port: target_port, proto };
-                    endpoints.push((backend, endpoint.node_name.as_deref(), ready, serving && terminating));
+                    let hints = endpoint.hints.as_ref();
+                    let zones = hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten();
+                    let nodes = hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten();
+                    endpoints.push(Candidate {
+                        backend: BackendAddr { address, port: target_port, proto },
+                        node: endpoint.node_name.as_deref(),
+                        ready,
+                        serving_terminating: serving && terminating,
+                        zone_hints: zones.map(|z| z.name.as_str()).collect(),
+                        node_hints: nodes.map(|n| n.name.as_str()).collect(),
+                    });
                 }
             }
-            // kube-proxy's rule (pkg/proxy/topology.go): ready endpoints
-            // first; only when there are none, serving terminating ones —
-            // among this node's only, for a Local traffic policy (and none
-            // elsewhere: with no local endpoint the traffic is dropped).
+            let topology = Topology::from_hints(&endpoints, Here { node, zone });
+            // kube-proxy's CategorizeEndpoints (pkg/proxy/topology.go): ready
+            // endpoints first, for a Cluster policy those the hints give this
+            // node; only when there are none, serving terminating ones (with
+            // no regard to hints: hints are only honoured when a ready
+            // endpoint matches, so no ready endpoint exists at all then).
+            // A Local policy keeps to this node's endpoints, hints or not
+            // (and none elsewhere: with no local endpoint the traffic is
+            // dropped).
             let pick = |local: bool| {
-                let here = |n: &Option<&str>| !local || node.is_none() || *n == node;
+                let here = |e: &Candidate| !local || node.is_none() || e.node == node;
+                let hinted = |e: &Candidate| local || topology.admits(e, Here { node, zone });
                 let ready: BTreeSet<BackendAddr> =
-                    endpoints.iter().filter(|(_, n, r, _)| *r && here(n)).map(|(b, ..)| *b).collect();
+                    endpoints.iter().filter(|e| e.ready && here(e) && hinted(e)).map(|e| e.backend).collect();
                 if !ready.is_empty() {
                     return (ready, false);
                 }
-                let fallback: BTreeSet<BackendAddr> =
-                    endpoints.iter().filter(|(_, n, _, t)| *t && here(n)).map(|(b, ..)| *b).collect();
+                let fallback: BTreeSet<BackendAddr> = endpoints
+                    .iter()
+                    .filter(|e| e.serving_terminating && here(e))
+                    .map(|e| e.backend)
+                    .collect();
                 let terminating = !fallback.is_empty();
                 (fallback, terminating)
             };
@@ -358,10 +460,163 @@ endpoints:
         slice.endpoints[0].node_name = Some("n1".into());
         slice.endpoints[1].node_name = Some("n2".into());
         let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6, scope: 0 };
-        let on_n1 = desired_frontends_on(&[svc.clone()], &[slice.clone()], Some("n1"), &[], false);
+        let on_n1 = desired_frontends_on(&[svc.clone()], &[slice.clone()], Some("n1"), None, &[], false);
         assert_eq!(on_n1[&http].backends, [backend("10.244.0.2", 8080, 6)].into());
-        let on_n3 = desired_frontends_on(&[svc], &[slice], Some("n3"), &[], false);
+        let on_n3 = desired_frontends_on(&[svc], &[slice], Some("n3"), None, &[], false);
         assert!(on_n3[&http].backends.is_empty(), "no local endpoint: no backend, traffic dropped");
+    }
+
+    /// A slice of `web` whose endpoints are given as YAML flow mappings.
+    fn slice_with(endpoints: &[&str]) -> EndpointSlice {
+        let mut slice = web_slice();
+        slice.endpoints = endpoints.iter().map(|e| yaml(e)).collect();
+        slice
+    }
+
+    fn ips(list: &[&str]) -> BTreeSet<Ipv4Addr> {
+        list.iter().map(|ip| ip.parse().unwrap()).collect()
+    }
+
+    fn addresses(spec: &FrontendSpec) -> BTreeSet<Ipv4Addr> {
+        spec.backends.iter().map(|b| b.address).collect()
+    }
+
+    /// The backends of `web`'s ClusterIP http port, served by `endpoints`,
+    /// seen from `node` in `zone`, and whether they are the terminating
+    /// fallback.
+    fn clusterip_on(endpoints: &[&str], node: &str, zone: Option<&str>) -> (BTreeSet<Ipv4Addr>, bool) {
+        let d =
+            desired_frontends_on(&[web_service()], &[slice_with(endpoints)], Some(node), zone, &[], false);
+        let spec = &d[&Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6, scope: 0 }];
+        (addresses(spec), spec.terminating)
+    }
+
+    const A1: &str = "{addresses: [10.244.0.2], nodeName: n1, hints: {forZones: [{name: a}]}}";
+    const A2: &str = "{addresses: [10.244.0.3], nodeName: n2, hints: {forZones: [{name: a}]}}";
+    const B1: &str = "{addresses: [10.244.0.4], nodeName: n3, hints: {forZones: [{name: b}]}}";
+
+    #[test]
+    fn zone_hints_keep_cluster_traffic_in_the_zone() {
+        let on = |zone| clusterip_on(&[A1, A2, B1], "n1", zone).0;
+        assert_eq!(on(Some("a")), ips(&["10.244.0.2", "10.244.0.3"]));
+        assert_eq!(on(Some("b")), ips(&["10.244.0.4"]), "the zone decides, not where the node is");
+        let all = ips(&["10.244.0.2", "10.244.0.3", "10.244.0.4"]);
+        assert_eq!(on(Some("c")), all, "no endpoint hinted for this zone: every endpoint");
+        assert_eq!(on(None), all, "a node without a zone label ignores zone hints");
+    }
+
+    #[test]
+    fn zone_hints_count_only_when_every_ready_endpoint_has_one() {
+        let on_a = |endpoints: &[&str]| clusterip_on(endpoints, "n1", Some("a")).0;
+        let unhinted = "{addresses: [10.244.0.5], nodeName: n3}";
+        assert_eq!(
+            on_a(&[A1, A2, B1, unhinted]),
+            ips(&["10.244.0.2", "10.244.0.3", "10.244.0.4", "10.244.0.5"]),
+            "one ready endpoint without hints: every endpoint"
+        );
+        let empty = "{addresses: [10.244.0.5], hints: {forZones: []}}";
+        assert_eq!(on_a(&[A1, B1, empty]).len(), 3, "an empty hint list is no hint");
+        let not_ready = "{addresses: [10.244.0.6], conditions: {ready: false}}";
+        assert_eq!(
+            on_a(&[A1, A2, B1, not_ready]),
+            ips(&["10.244.0.2", "10.244.0.3"]),
+            "endpoints that are not ready do not count"
+        );
+        // The hints of a second slice of the same service count too.
+        let mut second = slice_with(&[unhinted]);
+        second.metadata.name = Some("web-def".into());
+        let desired = desired_frontends_on(
+            &[web_service()],
+            &[slice_with(&[A1, B1]), second],
+            Some("n1"),
+            Some("a"),
+            &[],
+            false,
+        );
+        assert!(desired.values().all(|spec| spec.backends.len() == 3), "every endpoint of both slices");
+    }
+
+    #[test]
+    fn node_hints_come_before_zone_hints() {
+        let hinted = |ip: &str, node: &str, zone: &str| {
+            format!(
+                "{{addresses: [{ip}], hints: {{forNodes: [{{name: {node}}}], forZones: [{{name: {zone}}}]}}}}"
+            )
+        };
+        let endpoints = [
+            hinted("10.244.0.2", "n1", "a"),
+            hinted("10.244.0.3", "n2", "a"),
+            hinted("10.244.0.4", "n3", "b"),
+        ];
+        let endpoints: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+        let on = |node, zone| clusterip_on(&endpoints, node, Some(zone)).0;
+        assert_eq!(on("n2", "a"), ips(&["10.244.0.3"]), "PreferSameNode: this node's endpoint");
+        assert_eq!(on("n4", "a"), ips(&["10.244.0.2", "10.244.0.3"]), "no node hint for n4: zone hints");
+    }
+
+    #[test]
+    fn local_policies_ignore_hints() {
+        let mut svc = web_service();
+        svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        let http = Frontend { address: "10.96.0.10".parse().unwrap(), port: 80, proto: 6, scope: 0 };
+        let d = desired_frontends_on(&[svc], &[slice_with(&[A1, A2, B1])], Some("n3"), Some("a"), &[], false);
+        assert_eq!(
+            addresses(&d[&http]),
+            ips(&["10.244.0.4"]),
+            "internalTrafficPolicy Local: this node's endpoint, though hinted for another zone"
+        );
+
+        let mut svc = web_service();
+        let spec = svc.spec.as_mut().unwrap();
+        spec.type_ = Some("NodePort".into());
+        spec.external_traffic_policy = Some("Local".into());
+        spec.ports.as_mut().unwrap()[0].node_port = Some(30080);
+        let node_ip: Ipv4Addr = "192.0.2.1".parse().unwrap();
+        let d = desired_frontends_on(
+            &[svc],
+            &[slice_with(&[A1, A2, B1])],
+            Some("n3"),
+            Some("a"),
+            &[node_ip],
+            false,
+        );
+        let node_port = Frontend { address: node_ip, port: 30080, proto: 6, scope: SCOPE_EXTERNAL };
+        let twin = Frontend { scope: SCOPE_INTERNAL, ..node_port };
+        assert_eq!(addresses(&d[&node_port]), ips(&["10.244.0.4"]), "eTP Local: this node's endpoint");
+        assert_eq!(
+            addresses(&d[&twin]),
+            ips(&["10.244.0.2", "10.244.0.3"]),
+            "in-cluster clients of an eTP Local address take the Cluster path, hints included"
+        );
+        assert_eq!(
+            addresses(&d[&http]),
+            ips(&["10.244.0.2", "10.244.0.3"]),
+            "the ClusterIP follows the hints"
+        );
+    }
+
+    #[test]
+    fn hints_and_the_terminating_fallback() {
+        let on_a = |endpoints: &[&str]| clusterip_on(endpoints, "n1", Some("a"));
+        let draining_a = "{addresses: [10.244.0.7], hints: {forZones: [{name: a}]}, \
+                          conditions: {ready: false, serving: true, terminating: true}}";
+        let draining_b = "{addresses: [10.244.0.8], hints: {forZones: [{name: b}]}, \
+                          conditions: {ready: false, serving: true, terminating: true}}";
+        assert_eq!(
+            on_a(&[B1, draining_a]),
+            (ips(&["10.244.0.4"]), false),
+            "hints give this zone no ready endpoint: every ready endpoint, never a terminating one"
+        );
+        assert_eq!(
+            on_a(&[A1, B1, draining_a, draining_b]),
+            (ips(&["10.244.0.2"]), false),
+            "a ready endpoint in the zone: terminating ones wait"
+        );
+        assert_eq!(
+            on_a(&[draining_a, draining_b]),
+            (ips(&["10.244.0.7", "10.244.0.8"]), true),
+            "nothing ready: every serving terminating endpoint, hints or not"
+        );
     }
 
     #[test]
@@ -382,7 +637,7 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.9}]}}
         slice.endpoints[0].node_name = Some("n1".into());
         slice.endpoints[1].node_name = Some("n2".into());
         let node_ip: Ipv4Addr = "192.0.2.1".parse().unwrap();
-        let d = desired_frontends_on(&[svc], &[slice], Some("n1"), &[node_ip], false);
+        let d = desired_frontends_on(&[svc], &[slice], Some("n1"), None, &[node_ip], false);
         let fe = |ip: &str, port| Frontend { address: ip.parse().unwrap(), port, proto: 6, scope: 0 };
         let internal = |ip: &str, port| Frontend { scope: SCOPE_INTERNAL, ..fe(ip, port) };
         assert_eq!(d[&fe("10.96.0.10", 80)].flags, SVC_FLAG_CLUSTER_IP);

@@ -169,6 +169,9 @@ fn collect(path: &Path, value: serde_yaml::Value, objects: &mut Vec<Object>) {
         ("networking.k8s.io/v1", "NetworkPolicy") => serde_yaml::from_value(value)
             .map_err(|e| e.to_string())
             .and_then(|o| validate::network_policy(&o).map(|()| Object::NetworkPolicy(Box::new(o)))),
+        ("v1", "Node") => serde_yaml::from_value(value)
+            .map_err(|e| e.to_string())
+            .and_then(|o| validate::node(&o).map(|()| Object::Node(Box::new(o)))),
         _ => Err(format!("unsupported kind {kind:?} (apiVersion {api_version:?})")),
     };
     match parsed {
@@ -212,6 +215,25 @@ ports: [{port: 8080}]
         assert_eq!(objects.len(), 2);
         assert!(matches!(objects[0], Object::Service(_)));
         assert!(matches!(objects[1], Object::EndpointSlice(_)));
+    }
+
+    #[test]
+    fn nodes_are_read_and_bad_ones_skipped() {
+        let content = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {topology.kubernetes.io/zone: zone-a}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+status: {addresses: [{type: InternalIP, address: 192.0.2.300}]}
+"#;
+        let objects = parse_manifests(Path::new("nodes.yaml"), content);
+        assert_eq!(objects.len(), 1, "the Node with a bad address is skipped");
+        let cluster = Cluster::from_objects(&objects);
+        assert_eq!(cluster.zone_of("n1"), Some("zone-a"));
+        assert_eq!(cluster.zone_of("n2"), None);
     }
 
     #[test]

@@ -431,12 +431,14 @@ impl KubeSource {
         let endpoint_slices =
             self.valid("EndpointSlice", self.endpoint_slices.objects(), validate::endpoint_slice);
         let pods = self.valid("Pod", self.pods.objects(), validate::pod);
+        let nodes = self.valid("Node", self.nodes.objects(), validate::node);
         Cluster {
             services,
             endpoint_slices,
             pods,
             namespaces: self.namespaces.objects(),
             network_policies: self.network_policies.objects(),
+            nodes,
         }
     }
 
@@ -556,8 +558,9 @@ fn trim_network_policy(policy: &mut NetworkPolicy) {
     trim_meta(&mut policy.metadata, &[]);
 }
 
-/// Nodes: taints and deletion (health), addresses and pod CIDRs (NodePort,
-/// routing); images, conditions and the rest go.
+/// Nodes: labels (the zone, for topology hints), taints and deletion
+/// (health), addresses and pod CIDRs (NodePort, routing); images, conditions
+/// and the rest go.
 fn trim_node(node: &mut Node) {
     trim_meta(&mut node.metadata, &[]);
     if let Some(spec) = node.spec.take() {
@@ -616,6 +619,19 @@ mod tests {
                 "status": {"podIP": "10.244.0.2", "phase": "Running"}
             })
         );
+    }
+
+    #[test]
+    fn nodes_keep_their_zone() {
+        let mut node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+            "status": {"images": [{"names": ["img"]}], "addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]}
+        }))
+        .unwrap();
+        trim_node(&mut node);
+        assert!(node.status.as_ref().unwrap().images.is_none());
+        let cluster = Cluster { nodes: vec![node], ..Cluster::default() };
+        assert_eq!(cluster.zone_of("n1"), Some("zone-a"));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::{
     api::{
-        core::v1::{Pod, Service},
+        core::v1::{Node, Pod, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
@@ -127,6 +127,28 @@ pub fn pod(pod: &Pod) -> Result<(), String> {
     Ok(())
 }
 
+/// A Node is matched by name (this node's zone, its eligibility), so it
+/// needs one; its addresses and pod CIDRs must parse, as everything else the
+/// agent reads.
+pub fn node(node: &Node) -> Result<(), String> {
+    if node.metadata.name.as_deref().unwrap_or("").is_empty() {
+        return Err("a Node needs metadata.name".into());
+    }
+    if let Some(spec) = &node.spec {
+        for cidr in spec.pod_cidr.iter().chain(spec.pod_cidrs.iter().flatten()) {
+            cidr.parse::<ipnetwork::IpNetwork>().map_err(|_| format!("podCIDR {cidr:?} is not a CIDR"))?;
+        }
+    }
+    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for address in addresses.into_iter().flatten() {
+        // Hostname entries are names, not addresses.
+        if matches!(address.type_.as_str(), "InternalIP" | "ExternalIP") {
+            check_ip(&address.type_, &address.address)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +194,20 @@ mod tests {
         )
         .unwrap();
         assert!(endpoint_slice(&slice).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_nodes() {
+        let node_of = |yaml: &str| -> Node { serde_yaml::from_str(yaml).unwrap() };
+        let good = "metadata: {name: n1, labels: {topology.kubernetes.io/zone: a}}\n\
+                    spec: {podCIDR: 10.244.0.0/24}\n\
+                    status: {addresses: [{type: InternalIP, address: 192.0.2.1}, {type: Hostname, address: n1}]}";
+        assert_eq!(node(&node_of(good)), Ok(()));
+        assert!(node(&node_of("metadata: {labels: {topology.kubernetes.io/zone: a}}")).is_err());
+        assert!(node(&node_of("metadata: {name: n1}\nspec: {podCIDR: 10.244.0.0/33}")).is_err());
+        assert!(
+            node(&node_of("metadata: {name: n1}\nstatus: {addresses: [{type: InternalIP, address: n1}]}"))
+                .is_err()
+        );
     }
 }
