@@ -1,7 +1,11 @@
-//! The few bpf(2) commands the benchmark needs, called directly: opening a
-//! pinned link or map, finding the program behind a link, BPF_PROG_TEST_RUN,
-//! the kernel's run-time statistics, map lookups, and a trivial program that
-//! measures the test-run harness itself.
+//! The few bpf(2) commands the tests and the benchmark (`cargo xtask
+//! bench`) need, called directly rather than through `bpftool` (one process
+//! per packet or per key would be thousands of processes): opening a pinned
+//! link or map, finding the program behind a link, BPF_PROG_TEST_RUN, the
+//! kernel's run-time statistics, map lookups, key walks and deletes, loading
+//! a few-instruction program (an empty classifier that measures the
+//! test-run harness itself, `XDP_PASS` for [`crate::xdp_pass`]) and
+//! attaching one with a link.
 //!
 //! Attribute layouts follow `union bpf_attr` in include/uapi/linux/bpf.h;
 //! each struct below is one arm of that union, with explicit padding fields:
@@ -15,14 +19,20 @@ use std::path::Path;
 use anyhow::{Context as _, Result, bail};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_ENABLE_STATS: libc::c_long = 32;
 
-const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+/// `enum bpf_prog_type`: a tc classifier.
+pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+/// `enum bpf_prog_type`: an XDP program.
+pub const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_STATS_RUN_TIME: u32 = 0;
 
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
@@ -176,6 +186,8 @@ pub fn enable_stats() -> Result<OwnedFd> {
     Ok(fd_from(ret))
 }
 
+/// The map element commands' arm; `value` is `next_key` for
+/// BPF_MAP_GET_NEXT_KEY.
 #[repr(C)]
 #[derive(Default)]
 struct MapElemAttr {
@@ -202,6 +214,43 @@ pub fn map_lookup<K: Copy, V: Copy + Default>(map: &OwnedFd, key: &K) -> Result<
     }
 }
 
+/// The key size of a map, from its `/proc/self/fdinfo` entry.
+pub fn map_key_size(map: &OwnedFd) -> Result<u32> {
+    let path = format!("/proc/self/fdinfo/{}", map.as_raw_fd());
+    let info = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let value = info.lines().find_map(|l| l.strip_prefix("key_size:")).context("no key_size in fdinfo")?;
+    value.trim().parse().with_context(|| format!("key_size {value:?}"))
+}
+
+/// Every key of a hash map whose keys are `key_size` bytes (collected
+/// first, so that deleting them does not disturb the walk).
+pub fn map_keys(map: &OwnedFd, key_size: usize) -> Result<Vec<Vec<u8>>> {
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let mut next = vec![0u8; key_size];
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            // A null key asks for the first one.
+            key: keys.last().map_or(0, |k| k.as_ptr() as u64),
+            value: next.as_mut_ptr() as u64,
+            ..MapElemAttr::default()
+        };
+        match sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => keys.push(next),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+            Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
+        }
+    }
+}
+
+/// Deletes `key` (of the map's key size) from the map; the error keeps its
+/// errno (ENOENT when the key is gone).
+pub fn map_delete(map: &OwnedFd, key: &[u8]) -> std::io::Result<()> {
+    let mut attr =
+        MapElemAttr { map_fd: map.as_raw_fd() as u32, key: key.as_ptr() as u64, ..MapElemAttr::default() };
+    sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(|_| ())
+}
+
 #[repr(C)]
 #[derive(Default)]
 struct ProgLoadAttr {
@@ -217,24 +266,53 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
 }
 
-/// Loads `r0 = TC_ACT_OK; exit`, a classifier that does nothing: its test-run
-/// duration is the harness's own cost, to read the others against.
-pub fn load_empty_classifier() -> Result<OwnedFd> {
-    // BPF_ALU64 | BPF_MOV | BPF_K (0xb7) r0 = 0, then BPF_JMP | BPF_EXIT (0x95).
-    let insns: [u64; 2] = [0xb7, 0x95];
+/// `r0 = value; exit` (BPF_ALU64 | BPF_MOV | BPF_K, 0xb7, with the immediate
+/// in the upper half; then BPF_JMP | BPF_EXIT, 0x95): a program that returns
+/// `value` and does nothing else.
+pub fn return_insns(value: u32) -> [u64; 2] {
+    [0xb7 | (u64::from(value) << 32), 0x95]
+}
+
+/// Loads a GPL program of type `prog_type` (`BPF_PROG_TYPE_*`) made of
+/// `insns`, named `name` (up to 15 bytes, as the kernel shows it).
+pub fn prog_load(prog_type: u32, insns: &[u64], name: &str) -> Result<OwnedFd> {
     let license = c"GPL";
-    let mut name = [0u8; 16];
-    name[..10].copy_from_slice(b"weir_empty");
+    let mut prog_name = [0u8; 16];
+    let len = name.len().min(15);
+    prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
     let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        prog_name: name,
+        prog_name,
         ..ProgLoadAttr::default()
     };
-    let ret = sys_bpf(BPF_PROG_LOAD, &mut attr).context("BPF_PROG_LOAD (empty classifier)")?;
+    let ret = sys_bpf(BPF_PROG_LOAD, &mut attr).with_context(|| format!("BPF_PROG_LOAD ({name})"))?;
     Ok(fd_from(ret))
+}
+
+/// Loads `r0 = TC_ACT_OK; exit`, a classifier that does nothing: its test-run
+/// duration is the harness's own cost, to read the others against.
+pub fn load_empty_classifier() -> Result<OwnedFd> {
+    prog_load(BPF_PROG_TYPE_SCHED_CLS, &return_insns(0), "weir_empty")
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// Attaches `prog` to the device `ifindex` with a link of `attach_type`
+/// (`enum bpf_attach_type`) and `flags`; dropping the link detaches it.
+pub fn link_create(prog: &OwnedFd, ifindex: u32, attach_type: u32, flags: u32) -> std::io::Result<OwnedFd> {
+    let mut attr =
+        LinkCreateAttr { prog_fd: prog.as_raw_fd() as u32, target_ifindex: ifindex, attach_type, flags };
+    Ok(fd_from(sys_bpf(BPF_LINK_CREATE, &mut attr)?))
 }
 
 /// Fails unless `run` passed the packet (TC_ACT_OK = 0).

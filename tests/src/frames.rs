@@ -1,5 +1,7 @@
-//! Hand-made Ethernet/IPv4/TCP frames for BPF_PROG_TEST_RUN: exactly what a
-//! pod's veth would carry, so the programs take their real paths.
+//! Hand-made Ethernet/IPv4/TCP frames for BPF_PROG_TEST_RUN (the Maglev test
+//! and `cargo xtask bench`): exactly what a pod's veth would carry, with
+//! valid checksums, so the programs take their real paths; and readers for
+//! the addresses of the frame a program returns.
 
 use std::net::Ipv4Addr;
 

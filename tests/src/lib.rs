@@ -19,17 +19,22 @@
 //! - [`agent`]: starting, killing and restarting `weir-agent`;
 //! - [`cgroup`]: a dedicated cgroup v2 for the socket-LB hooks;
 //! - [`cli`]: `weir ... -o json` parsed into typed rows, and [`cli::wait_until`];
+//! - [`bpf`]: the few bpf(2) commands tests and benchmarks make directly
+//!   (pinned objects, BPF_PROG_TEST_RUN, map walks, tiny programs);
+//! - [`frames`]: Ethernet/IPv4/TCP frames for BPF_PROG_TEST_RUN;
 //! - [`fixture`]: a ready-made node + manifest dir + agent for tests;
 //! - [`xdp_pass`]: an XDP_PASS program for veth peers of XDP_TX devices.
 
 pub mod agent;
 pub mod apiserver;
+pub mod bpf;
 pub mod cgroup;
 pub mod cli;
 pub mod clients;
 pub mod cmd;
 pub mod ethtool;
 pub mod fixture;
+pub mod frames;
 pub mod manifests;
 pub mod names;
 pub mod netns;

@@ -21,36 +21,23 @@
 //! The syscalls are made directly (`libc::syscall(SYS_bpf)`): one `bpftool`
 //! process per flow would be 10,000 processes per round.
 //!
-//! The frames and the bpf(2) calls come from the benchmark's modules
-//! (`xtask/src/bench/{packet,bpf}.rs`), compiled into this test by path:
-//! xtask depends on weir-tests, so the test cannot depend on xtask, and this
-//! change may add only this file. Their natural home is the harness
-//! (`tests/src`), where both could share them.
+//! The frames and the bpf(2) calls come from the harness
+//! (`weir_tests::frames`, `weir_tests::bpf`), shared with `cargo xtask bench`.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use weir_tests::agent::AgentOptions;
+use weir_tests::bpf;
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
+use weir_tests::frames;
 use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
 use weir_tests::netpol_model::pinned_link_prog_id;
 use weir_tests::topology::Pod;
-
-/// bpf(2) for the benchmark: BPF_OBJ_GET, BPF_PROG_GET_FD_BY_ID and
-/// BPF_PROG_TEST_RUN here.
-#[allow(dead_code)]
-#[path = "../../xtask/src/bench/bpf.rs"]
-mod bpf;
-/// Ethernet/IPv4/TCP frames with valid checksums (its unit test runs here
-/// too, as `packet::tests::…`).
-#[allow(dead_code)]
-#[path = "../../xtask/src/bench/packet.rs"]
-mod packet;
 
 /// The ClusterIP and its port; backends listen on `TARGET_PORT`.
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 77);
@@ -147,19 +134,19 @@ impl Node {
         flows
             .iter()
             .map(|&(c, src, sport)| {
-                let frame = packet::tcp(src, sport, VIP, PORT, packet::SYN);
+                let frame = frames::tcp(src, sport, VIP, PORT, frames::SYN);
                 let mut out = [0u8; 256];
                 let run = bpf::test_run(&self.clients[c].prog, &frame, &mut out, 1)?;
                 let what = format!("{src}:{sport} → {VIP}:{PORT}");
                 bpf::expect_pass(&what, &run)?;
                 let out = &out[..run.size_out];
                 let backend =
-                    packet::destination(out).with_context(|| format!("{what}: output {out:02x?}"))?;
+                    frames::destination(out).with_context(|| format!("{what}: output {out:02x?}"))?;
                 ensure!(backend != VIP, "{what}: dst IP hasn't been NATed");
                 // The translated SYN, byte for byte: only the destination
                 // address and port changed, and both checksums are right.
                 ensure!(
-                    out == packet::tcp(src, sport, backend, TARGET_PORT, packet::SYN),
+                    out == frames::tcp(src, sport, backend, TARGET_PORT, frames::SYN),
                     "{what}: not the SYN DNATed to {backend}:{TARGET_PORT}: {out:02x?}"
                 );
                 Ok(backend)
@@ -185,18 +172,18 @@ impl Node {
     /// exactly them.
     fn clear_conntrack(&self) -> Result<usize> {
         let map = bpf::obj_get(&self.bed.agent().bpffs_root().join(CONNTRACK_MAP))?;
-        let key_size = map_key_size(&map)?;
+        let key_size = bpf::map_key_size(&map)?;
         ensure!(key_size == CT_KEY_SIZE, "{CONNTRACK_MAP} keys are {key_size} bytes, CtKey is {CT_KEY_SIZE}");
-        let keys = map_keys(&map, key_size as usize)?;
+        let keys = bpf::map_keys(&map, key_size as usize)?;
         for key in &keys {
-            match map_delete(&map, key) {
+            match bpf::map_delete(&map, key) {
                 Ok(()) => {}
                 // The agent's GC may have removed it meanwhile.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(e).context("BPF_MAP_DELETE_ELEM on the conntrack map"),
             }
         }
-        let left = map_keys(&map, key_size as usize)?
+        let left = bpf::map_keys(&map, key_size as usize)?
             .into_iter()
             .filter(|k| k[CT_KEY_DADDR] == VIP.octets())
             .count();
@@ -305,66 +292,4 @@ fn two_nodes_choose_the_same_backend_for_each_of_10000_flows() -> Result<()> {
     println!("run time: {:.1?}", started.elapsed());
     ensure!(same == FLOWS, "the nodes disagree on {} of {FLOWS} flows", FLOWS - same);
     Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// Emptying a pinned hash map, with the bpf(2) commands the benchmark's
-// module does not have
-// ---------------------------------------------------------------------------
-
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-
-/// `union bpf_attr` for the map element commands.
-#[repr(C)]
-#[derive(Default)]
-struct MapElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    next_key: u64,
-    flags: u64,
-}
-
-fn map_syscall<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
-    // SAFETY: `attr` is the `repr(C)` arm of `union bpf_attr` for `cmd`; the
-    // keys it points to are valid for the map's key size (which the callers
-    // read from the kernel) during the call.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-}
-
-/// The key size of a map, from its `/proc/self/fdinfo` entry.
-fn map_key_size(map: &OwnedFd) -> Result<u32> {
-    let path = format!("/proc/self/fdinfo/{}", map.as_raw_fd());
-    let info = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let value = info.lines().find_map(|l| l.strip_prefix("key_size:")).context("no key_size in fdinfo")?;
-    value.trim().parse().with_context(|| format!("key_size {value:?}"))
-}
-
-/// Every key of a hash map whose keys are `key_size` bytes (collected
-/// first, so that deleting them does not disturb the walk).
-fn map_keys(map: &OwnedFd, key_size: usize) -> Result<Vec<Vec<u8>>> {
-    let mut keys: Vec<Vec<u8>> = Vec::new();
-    loop {
-        let mut next = vec![0u8; key_size];
-        let mut attr = MapElemAttr {
-            map_fd: map.as_raw_fd() as u32,
-            // A null key asks for the first one.
-            key: keys.last().map_or(0, |k| k.as_ptr() as u64),
-            next_key: next.as_mut_ptr() as u64,
-            ..MapElemAttr::default()
-        };
-        match map_syscall(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-            Ok(()) => keys.push(next),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
-            Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
-        }
-    }
-}
-
-fn map_delete(map: &OwnedFd, key: &[u8]) -> io::Result<()> {
-    let mut attr =
-        MapElemAttr { map_fd: map.as_raw_fd() as u32, key: key.as_ptr() as u64, ..MapElemAttr::default() };
-    map_syscall(BPF_MAP_DELETE_ELEM, &mut attr)
 }

@@ -182,6 +182,11 @@ pub struct CrrRun {
     pub seconds: f64,
     /// Connections per second of that time.
     pub rate: f64,
+    /// Time spent in connections that failed (timed out or reset).
+    pub failed_seconds: f64,
+    /// Connections per second of the time spent in those that succeeded: the
+    /// cost of a connection, without the timeouts of the failed ones.
+    pub completed_rate: f64,
     pub connect_p50_us: f64,
     pub connect_p99_us: f64,
     /// The client thread's CPU time per connection (µs).
@@ -193,6 +198,7 @@ struct CrrTally {
     connections: u64,
     errors: u64,
     seconds: f64,
+    failed_seconds: f64,
     cpu_us: f64,
     connect_us: Vec<f64>,
 }
@@ -247,9 +253,13 @@ pub fn crr(clients: &[Client], duration: Duration, seed: u64, cpu: usize) -> Res
                                 tally.connect_us.push(connected.as_secs_f64() * 1e6);
                             } else {
                                 tally.errors += 1;
+                                tally.failed_seconds += t0.elapsed().as_secs_f64();
                             }
                         }
-                        Err(_) => tally.errors += 1,
+                        Err(_) => {
+                            tally.errors += 1;
+                            tally.failed_seconds += t0.elapsed().as_secs_f64();
+                        }
                     }
                     tally.seconds += t0.elapsed().as_secs_f64();
                     tally.cpu_us += thread_cpu_us() - cpu0;
@@ -280,6 +290,8 @@ pub fn crr(clients: &[Client], duration: Duration, seed: u64, cpu: usize) -> Res
                 errors: t.errors,
                 seconds: t.seconds,
                 rate: t.connections as f64 / t.seconds,
+                failed_seconds: t.failed_seconds,
+                completed_rate: t.connections as f64 / (t.seconds - t.failed_seconds),
                 connect_p50_us: percentile(&t.connect_us, 50.0),
                 connect_p99_us: percentile(&t.connect_us, 99.0),
                 cpu_us_per_conn: t.cpu_us / t.connections as f64,

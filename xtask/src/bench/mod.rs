@@ -12,15 +12,20 @@
 //! median of several runs with their range, and every ratio is taken within
 //! a run.
 //!
+//! North-south (`northsouth`): NodePort connections from a client outside
+//! the cluster through a one-armed node, to a remote and to a local backend,
+//! with Weir's XDP path, its tc path, kube-proxy's iptables NodePort rules
+//! and plain routing side by side. `--only north-south` runs just that and
+//! splices its section into the existing BENCHMARKS.md.
+//!
 //! `--smoke` runs every benchmark briefly at tiny sizes (it is part of
 //! `cargo xtask test`, so the benchmark cannot rot) and writes its report
 //! under target/bench/smoke instead of docs/.
 
 mod agent;
-mod bpf;
 mod load;
 mod netfilter;
-mod packet;
+mod northsouth;
 mod progcost;
 mod report;
 mod services;
@@ -35,7 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use serde::Serialize;
-use weir_tests::{manifests::ManifestDir, tempdir::TempDir, topology::Node, topology::Pod};
+use weir_tests::{bpf, manifests::ManifestDir, tempdir::TempDir, topology::Node, topology::Pod};
 
 use self::agent::BenchAgent;
 use self::load::{CrrRun, EchoServer, RrRun};
@@ -77,7 +82,31 @@ pub struct BenchArgs {
     /// test runs (default: the last one; the agents run on another).
     #[arg(long)]
     pub cpu: Option<usize>,
+    /// Load kube-proxy's nftables ruleset at 10,000 services and more too.
+    /// Off by default: on a 2-core VM every `nft -f` of the 10,000-service
+    /// ruleset held a CPU in the kernel for 100-130 s (soft-lockup warnings),
+    /// stalling whatever else shares the machine.
+    #[arg(long)]
+    pub nft_large: bool,
+    /// Run only one part and splice it into the existing BENCHMARKS.md
+    /// (the rest of the file keeps its figures and says which run they come
+    /// from).
+    #[arg(long, value_enum)]
+    pub only: Option<Only>,
 }
+
+/// Parts of the benchmark that run on their own (`--only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// NodePort traffic from an external client: plain routing, Weir with
+    /// XDP, Weir with tc only (with and without an XDP_PASS on the uplink),
+    /// kube-proxy's iptables rules.
+    NorthSouth,
+}
+
+/// From this many services on, the nftables ruleset is not loaded unless
+/// `--nft-large` asks for it.
+pub const NFT_LARGE: usize = 10_000;
 
 /// The configurations compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -130,6 +159,10 @@ pub struct Plan {
     /// reported instead of waited for.
     pub iptables_budget: Duration,
     pub nft_budget: Duration,
+    /// Whether to load the nftables ruleset at [`NFT_LARGE`] services or more.
+    pub nft_large: bool,
+    /// Only this part (spliced into the existing report).
+    pub only: Option<Only>,
     /// Time per tool and size spent repeating a from-scratch programming.
     pub repeat_budget: Duration,
     pub seed: u64,
@@ -181,6 +214,8 @@ impl Plan {
             changes: if smoke { 4 } else { 50 },
             iptables_budget: Duration::from_secs(if smoke { 60 } else { 480 }),
             nft_budget: Duration::from_secs(if smoke { 60 } else { 240 }),
+            nft_large: args.nft_large,
+            only: args.only,
             repeat_budget: Duration::from_secs(if smoke { 5 } else { 40 }),
             seed: 0x5eed_0001,
             cpu,
@@ -373,6 +408,7 @@ pub struct Results {
     pub policies: Vec<PolicyResult>,
     pub change: Option<ChangeResult>,
     pub events: Option<EventsResult>,
+    pub north_south: Option<northsouth::NorthSouthResult>,
 }
 
 impl Serialize for Plan {
@@ -415,6 +451,8 @@ pub fn smoke(ws: &Workspace, bins: &Binaries) -> Result<()> {
         debug: true,
         out: None,
         cpu: None,
+        nft_large: false,
+        only: None,
     };
     remove_leftovers();
     run_plan(Plan::new(&args, ws), bins)
@@ -423,6 +461,17 @@ pub fn smoke(ws: &Workspace, bins: &Binaries) -> Result<()> {
 fn run_plan(plan: Plan, bins: &Binaries) -> Result<()> {
     let started = Instant::now();
     let mut meta = Meta::collect(&plan);
+    if plan.only == Some(Only::NorthSouth) {
+        eprintln!(
+            "bench: north-south only, {} runs of {:?} per configuration; load average {}",
+            plan.runs, plan.crr, meta.load_before
+        );
+        let ns = northsouth::measure(&plan, bins)?;
+        let file = plan.out.join("BENCHMARKS.md");
+        report::splice_north_south(&plan, &ns)?;
+        eprintln!("bench: done in {:.0} s; north-south section of {} replaced", ns.seconds, file.display());
+        return Ok(());
+    }
     eprintln!(
         "bench: {} run, services {:?}, policies {:?}, {} runs of {:?}; load average {}",
         if plan.smoke { "smoke" } else { "full" },
@@ -432,11 +481,11 @@ fn run_plan(plan: Plan, bins: &Binaries) -> Result<()> {
         plan.crr,
         meta.load_before
     );
-    let result = measure_all(&plan, bins);
-    let (sizes, policies, change, events) = result?;
+    let (sizes, policies, change, events) = measure_all(&plan, bins)?;
+    let north_south = Some(northsouth::measure(&plan, bins)?);
     meta.load_after = load_average();
     meta.seconds_total = started.elapsed().as_secs_f64();
-    let results = Results { meta, plan, sizes, policies, change, events };
+    let results = Results { meta, plan, sizes, policies, change, events, north_south };
     report::write(&results)?;
     eprintln!(
         "bench: done in {:.0} s; report in {}",
@@ -808,6 +857,15 @@ fn load_ruleset(
         Tool::Nft => program.nft_note = Some(text),
     };
     clear_ruleset(tool, site)?;
+    if tool == Tool::Nft && n >= NFT_LARGE && !plan.nft_large {
+        note(format!(
+            "not loaded: skipped at ≥ {} services by default (every `nft -f` of the 10,000-service ruleset \
+             caused 100–130 s kernel soft lockups on this 2-core VM); `--nft-large` includes it",
+            report::services(NFT_LARGE)
+        ));
+        eprintln!("bench:   {tool:?}: skipped at {n} (≥ {NFT_LARGE}; --nft-large includes it)");
+        return Ok(false);
+    }
     if let Some((n0, s0)) = previous
         && s0 > 1.0
     {

@@ -15,9 +15,9 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
+use weir_tests::bpf::{self, TestRun};
+use weir_tests::frames::{self, ACK, SYN};
 
-use super::bpf::{self, TestRun};
-use super::packet::{self, ACK, SYN};
 use super::services::{BACKEND_PORT, CLIENT_IP, SERVICE_PORT, backend_ip};
 use super::stats::percentile;
 
@@ -179,7 +179,7 @@ impl Sampler {
         };
 
         // The empty program.
-        let frame = packet::tcp(CLIENT_IP, 1, cluster_ip, SERVICE_PORT, SYN);
+        let frame = frames::tcp(CLIENT_IP, 1, cluster_ip, SERVICE_PORT, SYN);
         for _ in 0..per_round {
             s[0].push(f64::from(one(&self.empty, &frame, &mut out)?.duration_ns));
         }
@@ -189,7 +189,7 @@ impl Sampler {
         let mut last = None;
         for _ in 0..per_round {
             let sport = ports.take(0)?;
-            let frame = packet::tcp(CLIENT_IP, sport, cluster_ip, SERVICE_PORT, SYN);
+            let frame = frames::tcp(CLIENT_IP, sport, cluster_ip, SERVICE_PORT, SYN);
             let run = one(&progs.from_pod, &frame, &mut out)?;
             bpf::expect_pass("from-pod, SYN to the ClusterIP", &run)?;
             s[2].push(f64::from(run.duration_ns));
@@ -197,21 +197,21 @@ impl Sampler {
         }
         let (sport, run) = last.context("no samples")?;
         let translated = &out[..run.size_out];
-        let chosen = packet::destination(translated).context("short output")?;
-        if chosen == cluster_ip || packet::destination_port(translated) != Some(BACKEND_PORT) {
+        let chosen = frames::destination(translated).context("short output")?;
+        if chosen == cluster_ip || frames::destination_port(translated) != Some(BACKEND_PORT) {
             bail!("from-pod did not translate {cluster_ip}:{SERVICE_PORT} (got {chosen})");
         }
-        let frame = packet::tcp(CLIENT_IP, sport, cluster_ip, SERVICE_PORT, ACK);
+        let frame = frames::tcp(CLIENT_IP, sport, cluster_ip, SERVICE_PORT, ACK);
         repeated(&progs.from_pod, &frame, &mut out, &mut s[3])?;
-        let reply = packet::tcp(chosen, BACKEND_PORT, CLIENT_IP, sport, ACK);
+        let reply = frames::tcp(chosen, BACKEND_PORT, CLIENT_IP, sport, ACK);
         repeated(&progs.from_pod, &reply, &mut out, &mut s[4])?;
-        if packet::source(&out) != Some(cluster_ip) {
+        if frames::source(&out) != Some(cluster_ip) {
             bail!("from-pod did not reverse-translate the reply from {chosen} to {cluster_ip}");
         }
 
         // Straight to a pod.
         for _ in 0..per_round {
-            let frame = packet::tcp(CLIENT_IP, ports.take(1)?, backend, BACKEND_PORT, SYN);
+            let frame = frames::tcp(CLIENT_IP, ports.take(1)?, backend, BACKEND_PORT, SYN);
             let run = one(&progs.from_pod, &frame, &mut out)?;
             bpf::expect_pass("from-pod, SYN to a pod IP", &run)?;
             s[5].push(f64::from(run.duration_ns));
@@ -221,17 +221,17 @@ impl Sampler {
         let mut sport = 0;
         for _ in 0..per_round {
             sport = ports.take(2)?;
-            let frame = packet::tcp(CLIENT_IP, sport, backend, BACKEND_PORT, SYN);
+            let frame = frames::tcp(CLIENT_IP, sport, backend, BACKEND_PORT, SYN);
             let run = one(&progs.to_pod, &frame, &mut out)?;
             bpf::expect_pass("to-pod, SYN from the client", &run)?;
             s[6].push(f64::from(run.duration_ns));
         }
-        let frame = packet::tcp(CLIENT_IP, sport, backend, BACKEND_PORT, ACK);
+        let frame = frames::tcp(CLIENT_IP, sport, backend, BACKEND_PORT, ACK);
         repeated(&progs.to_pod, &frame, &mut out, &mut s[7])?;
 
         // From a stranger (a world address): every policy lookup misses.
         for _ in 0..per_round {
-            let frame = packet::tcp(stranger, ports.take(3)?, backend, BACKEND_PORT, SYN);
+            let frame = frames::tcp(stranger, ports.take(3)?, backend, BACKEND_PORT, SYN);
             s[8].push(f64::from(one(&progs.to_pod, &frame, &mut out)?.duration_ns));
         }
         Ok(())

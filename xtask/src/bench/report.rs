@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result};
 
+use super::load::{CrrRun, RrRun};
+use super::northsouth::{Backend, NorthSouthResult, NsConfig};
 use super::progcost::{Cost, Costs};
 use super::stats::{Spread, paired_ratio, percentile};
 use super::svg::{Chart, Point, Series};
@@ -121,7 +123,7 @@ fn mib(kib: u64) -> String {
 }
 
 /// An integer with thousands separators.
-fn services(n: usize) -> String {
+pub(super) fn services(n: usize) -> String {
     if n < 1000 { n.to_string() } else { num(n as f64) }
 }
 
@@ -159,6 +161,9 @@ fn markdown(results: &Results) -> String {
     targets(&mut md, results);
     setup(&mut md, results);
     datapath(&mut md, results);
+    if let Some(ns) = &results.north_south {
+        north_south(&mut md, ns, false);
+    }
     packet_cost(&mut md, results);
     policies(&mut md, results);
     control_plane(&mut md, results);
@@ -325,6 +330,14 @@ fn targets(md: &mut String, results: &Results) {
         )),
         yes(pol.map(|((_, fa), (_, fb))| fb / fa <= 1.10))
     );
+    if let Some(ns) = &results.north_south {
+        let (text, met) = ns_target(ns);
+        let _ = writeln!(
+            md,
+            "| North-south (NodePort from outside) faster than kube-proxy in every run (issue 6) | new connections per second, {text} | {} |",
+            yes(met)
+        );
+    }
     explain(md, results);
 }
 
@@ -360,13 +373,17 @@ fn explain(md: &mut String, results: &Results) {
         let weir = crr_field(r, Config::Weir, |x| x.connect_p50_us).median;
         notes.push(format!(
             "At {} services, iptables walks KUBE-SERVICES rule by rule on every new connection: connect p50 {:.0} µs \
-             with the target last against Weir's {:.0} µs, and Weir opens {:.2}× as many connections per second. \
-             nftables' verdict map is a hash lookup like Weir's, so its rate stays flat too; its cost is in \
-             programming (below).",
+             with the target last against Weir's {:.0} µs, and Weir opens {:.2}× as many connections per second. {}",
             services(r.services),
             ipt,
             weir,
-            ratio(r, Config::IptablesLast).median
+            ratio(r, Config::IptablesLast).median,
+            if ratio(r, Config::Nftables).is_valid() {
+                "nftables' verdict map is a hash lookup like Weir's, so its rate stays flat too; its cost is in \
+                 programming (below)."
+            } else {
+                "nftables was not loaded at this size (see below)."
+            }
         ));
     }
     // Flow events.
@@ -947,6 +964,15 @@ fn notes(md: &mut String, results: &Results) {
          counts the client's side (its packets through the node); the servers' replies are processed in their \
          threads and are not in it."
     );
+    if !results.plan.nft_large && results.sizes.iter().any(|r| r.services >= super::NFT_LARGE) {
+        let _ = writeln!(
+            md,
+            "- nftables is not loaded at {} services or more unless `--nft-large` is given: on this 2-core VM every \
+             `nft -f` of the 10,000-service ruleset held a CPU in the kernel for 100–130 s (soft-lockup warnings), \
+             stalling everything else on the machine.",
+            services(super::NFT_LARGE)
+        );
+    }
     let _ = writeln!(md, "- Memory targets in the issue say MB; the table says MiB (40 MB = 38.1 MiB).");
     let _ = writeln!(
         md,
@@ -1095,5 +1121,395 @@ fn programming_chart(results: &Results) -> Chart {
         y_label: "ms".into(),
         log_y: true,
         series,
+    }
+}
+
+// ----------------------------------------------------------- north-south
+
+const NS_BEGIN: &str =
+    "<!-- north-south: begin (generated; `cargo xtask bench --only north-south` replaces it) -->";
+const NS_END: &str = "<!-- north-south: end -->";
+/// Where a first splice goes when the file has no north-south section yet.
+const NS_BEFORE: &str = "## Per-packet program cost";
+
+fn ns_values(ns: &NorthSouthResult, b: Backend, c: NsConfig, f: impl Fn(&CrrRun) -> f64) -> Vec<f64> {
+    ns.series(b, c).map(|s| s.crr.iter().map(f).collect()).unwrap_or_default()
+}
+
+/// Connections per second as measured (`completed`: over the time of the
+/// connections that succeeded only).
+fn ns_rates(ns: &NorthSouthResult, b: Backend, c: NsConfig, completed: bool) -> Vec<f64> {
+    ns_values(ns, b, c, |x| if completed { x.completed_rate } else { x.rate })
+}
+
+fn ns_ratio(ns: &NorthSouthResult, b: Backend, a: NsConfig, over: NsConfig, completed: bool) -> Spread {
+    paired_ratio(&ns_rates(ns, b, a, completed), &ns_rates(ns, b, over, completed))
+}
+
+/// Whether Weir (XDP) opens more NodePort connections per second than
+/// iptables in both backend cases, and the text that says so.
+fn ns_target(ns: &NorthSouthResult) -> (String, Option<bool>) {
+    let cases: Vec<(Backend, Spread)> = Backend::ALL
+        .iter()
+        .map(|b| (*b, ns_ratio(ns, *b, NsConfig::WeirXdp, NsConfig::Iptables, false)))
+        .collect();
+    if cases.iter().any(|(_, s)| !s.is_valid()) {
+        return ("–".into(), None);
+    }
+    let text = cases
+        .iter()
+        .map(|(b, s)| {
+            let tc = ns_ratio(ns, *b, NsConfig::WeirTc, NsConfig::Iptables, false);
+            format!(
+                "{} backend: Weir XDP / iptables {} (tc only {})",
+                if *b == Backend::Remote { "remote" } else { "local" },
+                ratio_cell(s),
+                ratio_cell(&tc)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let completed: Vec<String> = Backend::ALL
+        .iter()
+        .map(|b| {
+            format!(
+                "{} {}",
+                if *b == Backend::Remote { "remote" } else { "local" },
+                ratio_cell(&ns_ratio(ns, *b, NsConfig::WeirXdp, NsConfig::Iptables, true))
+            )
+        })
+        .collect();
+    let text = format!("{text}; counting completed connections only, {}", completed.join(", "));
+    // Met when Weir was faster in every run, not just in the median.
+    (text, Some(cases.iter().all(|(_, s)| s.min > 1.0)))
+}
+
+/// Failed connections per configuration, and what the Weir nodes dropped.
+fn failures(md: &mut String, ns: &NorthSouthResult) {
+    let failed: Vec<String> = Backend::ALL
+        .iter()
+        .flat_map(|b| NsConfig::ALL.iter().map(move |c| (*b, *c)))
+        .filter_map(|(b, c)| {
+            let s = ns.series(b, c)?;
+            let errors: u64 = s.crr.iter().map(|x| x.errors).sum();
+            let conns: u64 = s.crr.iter().map(|x| x.connections).sum();
+            let lost: f64 = s.crr.iter().map(|x| x.failed_seconds).sum();
+            (errors > 0).then(|| {
+                format!(
+                    "{}, {}: {errors} of {} ({lost:.1} s)",
+                    c.label(),
+                    if b == Backend::Remote { "remote" } else { "local" },
+                    num((errors + conns) as f64)
+                )
+            })
+        })
+        .collect();
+    if failed.is_empty() {
+        let _ = writeln!(md, "\nNo connection failed.");
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\nFailed connections (no answer within 2 s to the SYN or the request), over all runs: {}.",
+        failed.join("; ")
+    );
+    let drops: Vec<String> =
+        ns.counters.drops.iter().map(|(c, reason, n)| format!("{}: {n} × {reason}", c.label())).collect();
+    if !drops.is_empty() {
+        let _ = writeln!(md, "Packets the Weir nodes dropped over the measurement: {}.", drops.join("; "));
+    }
+    if ns.counters.drops.iter().any(|(_, reason, _)| reason.contains("NAT")) {
+        let nat: Vec<String> =
+            ns.counters.nat_entries.iter().map(|(c, n)| format!("{}: {n}", c.label())).collect();
+        let _ = writeln!(
+            md,
+            "\n**A datapath problem, not a cost.** No mapping for NAT masquerade is `allocate_port` in \
+             ebpf/programs/src/from_netdev.rs finding none of its 8 candidate SNAT ports free; the SYN is dropped, \
+             retransmitted a second later, and dropped again while the candidates stay taken (closed connections \
+             hold their port for 10 s). Yet the most SNAT translations a Weir node held after a connection-rate run \
+             was {}, of 28,232 ports. The candidates come from `seed × 2654435761 + i × 7919 (mod 28,232)` with the client's \
+             source port in the seed's upper 16 bits, which the multiplication never carries into the lower ones: \
+             one client address and backend get only about 3,530 distinct candidate sets (65,536 ≡ 9,072 and \
+             gcd(9,072, 28,232) = 8), and flows that share a set collide on all 8 probes. A benchmark client \
+             (or a NAT gateway in front of the cluster) opening connections from one address hits it within \
+             seconds; iptables' `MASQUERADE --random-fully` has no such limit.",
+            nat.join(", ")
+        );
+    }
+}
+
+/// The north-south section, between its markers. `separate` names the
+/// run when it is not the one at the top of the file.
+fn north_south(md: &mut String, ns: &NorthSouthResult, separate: bool) {
+    let _ = writeln!(md, "{NS_BEGIN}\n## North-south: NodePort from an external client\n");
+    let source = if separate {
+        format!(
+            "These figures come from a separate run, `cargo xtask bench --only north-south`, on {} at commit {} \
+             (`{}` build; {:.0} s; load average {} before, {} after); the rest of this file comes from the run \
+             named at the top.",
+            ns.date, ns.commit, ns.profile, ns.seconds, ns.load_before, ns.load_after
+        )
+    } else {
+        format!(
+            "From the run named at the top ({:.0} s of it; load average {} before, {} after).",
+            ns.seconds, ns.load_before, ns.load_after
+        )
+    };
+    let _ = writeln!(md, "{source}\n");
+    let (target, met) = ns_target(ns);
+    let _ = writeln!(
+        md,
+        "Target (issue 6), the north-south path faster than kube-proxy (in every run): {target}: {}.\n",
+        yes(met)
+    );
+    let _ = writeln!(
+        md,
+        "A client namespace behind a router reaches a NodePort on a one-armed node (a single uplink to the \
+         router, like a cloud VM's NIC), with a far node behind the same router. Remote backend: the pod is on \
+         the far node, so the node DNATs and SNATs the SYN to its own address and sends it back out of the \
+         uplink, and the reply returns the same way (Weir with XDP: XDP_TX both ways, the node's stack never \
+         sees them). Local backend: the pod is on the node, DNAT only, the client's address kept. One node per \
+         configuration, each with its own local pod and its own remote pod, measured interleaved connection by \
+         connection (runs: {}, each with {:.1} s per configuration and case; connect, one byte each way, close with RST; \
+         then {} one-byte round trips on one connection each), everything on one CPU as in the ClusterIP \
+         figures:\n",
+        ns.runs, ns.crr_seconds, ns.rr_round_trips
+    );
+    let _ = writeln!(
+        md,
+        "- **direct pod IP**: the client connects to the pod addresses; the router sends them (and the \
+         replies) through a node that only routes (no agent, no netfilter rules).\n\
+         - **Weir, XDP**: `weir-agent --lb-acceleration native` (and flow events on, the default).\n\
+         - **Weir, tc only**: `--lb-acceleration disabled`: the same decision in the tc program on the uplink.\n\
+         - **Weir tc, uplink XDP_PASS**: the same, with a program that only returns XDP_PASS on the node's \
+         uplink. veth is not a NIC: XDP on a veth runs on an skb the sender already built, which veth converts \
+         into an XDP buffer (copying it when its head cannot serve as one), a cost a NIC driver's XDP does not \
+         have. This node pays that conversion and does nothing in XDP, so Weir XDP against it is XDP's own \
+         work against tc's.\n\
+         - **iptables**: kube-proxy's NodePort rules (KUBE-NODEPORTS → KUBE-EXT → KUBE-SVC → KUBE-SEP DNAT, \
+         masquerade to the node's address for the remote backend; for the local backend the \
+         `externalTrafficPolicy: Local` chain, no masquerade, as Weir keeps the client's address) and \
+         kube-proxy's filter table. Only these two services: KUBE-SERVICES is two rules long, iptables' best \
+         case (with N ClusterIPs every NodePort connection walks them all first, see above).\n"
+    );
+    let configs = NsConfig::ALL;
+    let header = |first: &str, cols: &[String]| {
+        format!(
+            "| {first} | {} |\n|---|{}",
+            cols.join(" | "),
+            cols.iter().map(|_| "---:|").collect::<String>()
+        )
+    };
+    let labels: Vec<String> = configs.iter().map(|c| c.label().to_owned()).collect();
+    let mut cols = labels.clone();
+    cols.extend(
+        ["XDP / direct", "XDP / iptables", "XDP / tc", "XDP / tc with uplink XDP_PASS", "tc / iptables"]
+            .map(str::to_owned),
+    );
+    let rate_table = |md: &mut String, completed: bool| {
+        let _ = writeln!(md, "{}", header("Backend", &cols));
+        for b in Backend::ALL {
+            let mut cells: Vec<String> =
+                configs.iter().map(|c| spread(&Spread::of(&ns_rates(ns, b, *c, completed)))).collect();
+            for (a, over) in [
+                (NsConfig::WeirXdp, NsConfig::Direct),
+                (NsConfig::WeirXdp, NsConfig::Iptables),
+                (NsConfig::WeirXdp, NsConfig::WeirTc),
+                (NsConfig::WeirXdp, NsConfig::WeirTcXdpPass),
+                (NsConfig::WeirTc, NsConfig::Iptables),
+            ] {
+                cells.push(ratio_cell(&ns_ratio(ns, b, a, over, completed)));
+            }
+            let _ = writeln!(md, "| {} | {} |", b.label(), cells.join(" | "));
+        }
+    };
+    let _ = writeln!(
+        md,
+        "Connections per second as measured: connections over the time spent in all of them, failed ones \
+         included (median ±%; ratios run by run, median and range):\n"
+    );
+    rate_table(md, false);
+    failures(md, ns);
+    let _ = writeln!(
+        md,
+        "\nConnections per second over the time of the connections that completed only (what a connection \
+         costs on each path, without the timeouts of the failed ones):\n"
+    );
+    rate_table(md, true);
+    let _ = writeln!(md);
+    for b in Backend::ALL {
+        let r = |a: NsConfig, over: NsConfig| ns_ratio(ns, b, a, over, true).median;
+        let _ = writeln!(
+            md,
+            "- {}, completed connections: Weir with XDP opens {:.2}× the connections per second of iptables and \
+             {:.2}× those of plain routing (tc only: {:.2}× iptables). An XDP_PASS program alone on the uplink \
+             takes the tc path to {:.2}× (veth's XDP conversion); against that, doing the work in XDP instead of \
+             tc gives {:.2}×.",
+            b.label(),
+            r(NsConfig::WeirXdp, NsConfig::Iptables),
+            r(NsConfig::WeirXdp, NsConfig::Direct),
+            r(NsConfig::WeirTc, NsConfig::Iptables),
+            r(NsConfig::WeirTcXdpPass, NsConfig::WeirTc),
+            r(NsConfig::WeirXdp, NsConfig::WeirTcXdpPass),
+        );
+    }
+    let mut cols: Vec<String> = labels.iter().map(|l| format!("connect {l}")).collect();
+    cols.extend(labels.iter().map(|l| format!("CPU/conn {l}")));
+    let _ = writeln!(
+        md,
+        "\nConnect latency (time in `connect()`, µs, p50 / p99, medians over runs) and the client thread's CPU \
+         time per connection (µs; it includes the kernel's work on the client's packets through router and \
+         node, XDP and tc programs or netfilter, done in its context):\n"
+    );
+    let _ = writeln!(md, "{}", header("Backend", &cols));
+    for b in Backend::ALL {
+        let mut cells: Vec<String> = configs
+            .iter()
+            .map(|c| {
+                let p50 = Spread::of(&ns_values(ns, b, *c, |x| x.connect_p50_us)).median;
+                let p99 = Spread::of(&ns_values(ns, b, *c, |x| x.connect_p99_us)).median;
+                format!("{} / {}", num(p50), num(p99))
+            })
+            .collect();
+        cells.extend(
+            configs.iter().map(|c| spread(&Spread::of(&ns_values(ns, b, *c, |x| x.cpu_us_per_conn)))),
+        );
+        let _ = writeln!(md, "| {} | {} |", b.label(), cells.join(" | "));
+    }
+    let mut cols = labels.clone();
+    cols.extend(["XDP / iptables (p50)", "XDP / tc (p50)"].map(str::to_owned));
+    let _ = writeln!(
+        md,
+        "\nRequest/response round trip on one established connection (µs, p50 / p99; medians over runs):\n"
+    );
+    let _ = writeln!(md, "{}", header("Backend", &cols));
+    let rr = |b: Backend, c: NsConfig, f: fn(&RrRun) -> f64| -> Vec<f64> {
+        ns.series(b, c).map(|s| s.rr.iter().map(f).collect()).unwrap_or_default()
+    };
+    for b in Backend::ALL {
+        let mut cells: Vec<String> = configs
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} / {}",
+                    num(Spread::of(&rr(b, *c, |x| x.p50_us)).median),
+                    num(Spread::of(&rr(b, *c, |x| x.p99_us)).median)
+                )
+            })
+            .collect();
+        for over in [NsConfig::Iptables, NsConfig::WeirTc] {
+            cells.push(ratio_cell(&paired_ratio(
+                &rr(b, NsConfig::WeirXdp, |x| x.p50_us),
+                &rr(b, over, |x| x.p50_us),
+            )));
+        }
+        let _ = writeln!(md, "| {} | {} |", b.label(), cells.join(" | "));
+    }
+    let k = &ns.counters;
+    let per = |n: u64, d: u64| if d == 0 { f64::NAN } else { n as f64 / d as f64 };
+    let _ = writeln!(
+        md,
+        "\nThe XDP node's datapath counters over the connection-rate runs: {} packets sent back out with XDP_TX \
+         ({} per remote connection: the client's packets on their way to the backend and the backend's on \
+         their way back), {} translated and passed to the stack ({} per local connection: the client's \
+         packets), {} left to tc; the tc-only node's XDP counters: {:?}. The Weir nodes also run their \
+         from-pod/to-pod programs on the local pod's veth.\n",
+        k.xdp_tx,
+        num(per(k.xdp_tx, k.remote_connections)),
+        k.xdp_to_stack,
+        num(per(k.xdp_to_stack, k.local_connections)),
+        k.xdp_to_tc,
+        k.tc_node
+    );
+    let _ = writeln!(
+        md,
+        "Not measured here: the XDP and tc programs' own per-packet cost in BPF_PROG_TEST_RUN; the figures \
+         above are whole-path costs.\n{NS_END}\n"
+    );
+}
+
+const NS_SOURCE: &str = "The north-south section comes from a separate run";
+
+/// Adds (or replaces) the line under the header that says the north-south
+/// figures come from another run than the rest.
+fn header_source_line(old: &str, ns: &NorthSouthResult) -> String {
+    let line = format!(
+        "{NS_SOURCE}, `cargo xtask bench --only north-south` on {} at commit {}; everything else from the run above.",
+        ns.date, ns.commit
+    );
+    let mut lines: Vec<String> = old.lines().map(str::to_owned).collect();
+    if let Some(i) = lines.iter().position(|l| l.starts_with(NS_SOURCE)) {
+        lines[i] = line;
+    } else if let Some(i) = lines.iter().position(|l| l.starts_with("Generated by `cargo xtask bench")) {
+        lines.insert(i + 1, String::new());
+        lines.insert(i + 2, line);
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text
+}
+
+/// `--only north-south`: replaces the north-south section of the existing
+/// BENCHMARKS.md (or inserts it before the per-packet section), leaving
+/// every other figure, and the line that says which run they come from, as
+/// they are. Raw figures go to `north-south-results.json` beside the others.
+pub fn splice_north_south(plan: &super::Plan, ns: &NorthSouthResult) -> Result<()> {
+    let file = plan.out.join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&file).unwrap_or_else(|_| "# Benchmarks\n\n".to_owned());
+    std::fs::write(&file, splice(&old, ns)).with_context(|| format!("writing {}", file.display()))?;
+    if let Some(dir) = plan.json.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("north-south-results.json"), serde_json::to_string_pretty(ns)?)?;
+    }
+    Ok(())
+}
+
+/// `old` with its north-south section (and the header's line about it)
+/// replaced or added.
+fn splice(old: &str, ns: &NorthSouthResult) -> String {
+    let mut section = String::new();
+    north_south(&mut section, ns, true);
+    let old = header_source_line(old, ns);
+    match (old.find(NS_BEGIN), old.find(NS_END)) {
+        (Some(a), Some(b)) if a < b => {
+            let rest = &old[b + NS_END.len()..];
+            format!("{}{section}{}", &old[..a], rest.strip_prefix("\n\n").unwrap_or(rest))
+        }
+        _ => match old.find(NS_BEFORE) {
+            Some(at) => format!("{}{section}{}", &old[..at], &old[at..]),
+            None => format!("{old}\n{section}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_north_south_section_is_spliced_in_once_and_replaced_after() {
+        let ns = NorthSouthResult {
+            date: "2026-12-07 18:00 UTC".into(),
+            commit: "abc1234".into(),
+            profile: "release".into(),
+            load_before: "1 1 1".into(),
+            load_after: "1 1 1".into(),
+            seconds: 90.0,
+            runs: 5,
+            crr_seconds: 1.5,
+            rr_round_trips: 3000,
+            series: Vec::new(),
+            counters: Default::default(),
+        };
+        let old = "# Benchmarks\n\nGenerated by `cargo xtask bench` on then.\n\n## Datapath\n\ntext\n\n\
+                   ## Per-packet program cost\n\nmore\n";
+        let once = splice(old, &ns);
+        let twice = splice(&once, &ns);
+        assert_eq!(once, twice, "a second splice replaces the first");
+        assert_eq!(once.matches(NS_BEGIN).count(), 1);
+        assert_eq!(once.matches(NS_SOURCE).count(), 1);
+        let section = once.find(NS_BEGIN).unwrap();
+        assert!(once.find("## Datapath").unwrap() < section && section < once.find(NS_BEFORE).unwrap());
+        assert!(once.contains("text\n\n<!--") && once.contains("end -->\n\n## Per-packet"));
     }
 }
