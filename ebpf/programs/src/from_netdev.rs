@@ -18,7 +18,7 @@ use weir_abi::{
         CT_F_NORTH_SOUTH, CT_F_SNAT, CT_KIND_FLOW, CT_KIND_NAT_REPLY, CT_KIND_SERVICE, CT_STATE_CLOSING,
         CtEntry,
     },
-    lb::{SVC_FLAG_SOURCE_RANGES, SVC_FLAGS_NORTH_SOUTH, SourceRangeKey},
+    lb::{SVC_FLAG_SOURCE_RANGES, SVC_FLAGS_NORTH_SOUTH, SourceRangeKey, flow_hash},
     metrics::{
         DROP_CT_CREATE_FAILED, DROP_NOT_IN_SOURCE_RANGE, REVERSE_NAT, SERVICE_ESTABLISHED, SERVICE_NEW,
     },
@@ -29,19 +29,20 @@ use crate::{
     conntrack::{self, is_syn, now_secs},
     from_pod::ct_key,
     lb,
-    maps::{CONFIG, CONNTRACK, DEVICES, SOURCE_RANGES},
+    maps::{CONFIG, CONNTRACK, CT_SCRATCH, DEVICES, SOURCE_RANGES},
     metrics::count,
     nat::{self, End, rewrite_addr, rewrite_port},
     packet::{Packet, packet_hash},
     policy,
 };
 
-/// SNAT source ports (Linux's default ephemeral range is 32768–60999; a
+/// SNAT source ports: 32768 up, the span a prime so that any probe stride
+/// visits distinct ports (Linux's default ephemeral range is 32768–60999; a
 /// node running Weir does not need it for its own NodePort replies).
 const SNAT_PORT_MIN: u32 = 32_768;
-const SNAT_PORT_SPAN: u32 = 28_232;
+const SNAT_PORT_SPAN: u32 = 28_229;
 /// Candidate ports tried before giving up on a new connection.
-const SNAT_PROBES: u32 = 8;
+const SNAT_PROBES: u32 = 16;
 
 /// The tuple a north-south packet leaves with (network order).
 #[repr(C)]
@@ -99,7 +100,10 @@ pub fn handle(ctx: &TcContext, pkt: &Packet) -> Verdict {
 /// `can_send_out` is asked before anything is recorded whether the caller
 /// can deliver a packet that must leave the node; if not, the decision is
 /// [`Plan::Defer`] and no counter or entry has changed.
-#[inline(always)]
+///
+/// Not inlined: the XDP program calls it with its own frame (BPF stacks
+/// are 512 bytes over all frames of a call chain).
+#[inline(never)]
 pub fn decide(
     pkt: &Packet,
     ifindex: u32,
@@ -110,7 +114,10 @@ pub fn decide(
         return Ok(Plan::Pass);
     }
     // SAFETY: copied out at once.
-    let cfg = CONFIG.get_ptr(0).map(|c| unsafe { *c }).unwrap_or_default();
+    // Read in place: a copy would cost 40 bytes of a tight stack.
+    let Some(cfg) = CONFIG.get_ptr(0) else { return Ok(Plan::Pass) };
+    // SAFETY: a valid map value for the program's lifetime.
+    let cfg = unsafe { &*cfg };
     let now = now_secs();
 
     // 1. A remote backend's reply to a SNATed client.
@@ -128,7 +135,7 @@ pub fn decide(
         if !can_send_out(&xlate) {
             return Ok(Plan::Defer);
         }
-        conntrack::observe(entry, pkt, false, len, &cfg, now);
+        conntrack::observe(entry, pkt, false, len, cfg, now);
         count(REVERSE_NAT, len);
         return Ok(Plan::Out(xlate));
     }
@@ -153,7 +160,7 @@ pub fn decide(
                     return Ok(Plan::Defer);
                 }
             }
-            conntrack::observe(svc, pkt, true, len, &cfg, now);
+            conntrack::observe(svc, pkt, true, len, cfg, now);
             count(SERVICE_ESTABLISHED, len);
             return Ok(if snat { Plan::Out(xlate) } else { Plan::Local(xlate) });
         }
@@ -175,14 +182,21 @@ pub fn decide(
         }
     }
     let (backend_id, backend) = lb::select_backend(&service, pkt.saddr_be, now, packet_hash(pkt))?;
-    let mut svc = CtEntry {
+    // The two entries of a new connection are built in per-CPU scratch
+    // space: on the stack they would not fit next to everything else.
+    let (Some(svc), Some(second)) = (CT_SCRATCH.get_ptr_mut(0), CT_SCRATCH.get_ptr_mut(1)) else {
+        return Err(DROP_CT_CREATE_FAILED);
+    };
+    // SAFETY: per-CPU slots, used by this packet only until it returns.
+    let (svc, second) = unsafe { (&mut *svc, &mut *second) };
+    *svc = CtEntry {
         nat_addr_be: backend.address_be,
         nat_port_be: backend.port_be,
         service_id: service.service_id,
         backend_id,
         ..CtEntry::default()
     };
-    conntrack::observe(&mut svc, pkt, true, len, &cfg, now);
+    conntrack::observe(svc, pkt, true, len, cfg, now);
     let mut xlate = Xlate {
         saddr_be: pkt.saddr_be,
         sport_be: pkt.sport_be,
@@ -193,7 +207,7 @@ pub fn decide(
     if policy::endpoint(backend.address_be).is_some() {
         // Local backend: the client's address is preserved; replies are
         // reverse-translated by the backend's from-pod program.
-        let flow = CtEntry {
+        *second = CtEntry {
             nat_addr_be: pkt.daddr_be,
             nat_port_be: pkt.dport_be,
             client_addr_be: pkt.saddr_be,
@@ -205,8 +219,8 @@ pub fn decide(
         };
         let flow_key =
             ct_key(pkt.saddr_be, backend.address_be, pkt.sport_be, backend.port_be, pkt.proto, CT_KIND_FLOW);
-        CONNTRACK.insert(&flow_key, &flow, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
-        CONNTRACK.insert(&svc_key, &svc, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
+        CONNTRACK.insert(&flow_key, second, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
+        CONNTRACK.insert(&svc_key, svc, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
         count(SERVICE_NEW, len);
         return Ok(Plan::Local(xlate));
     }
@@ -219,7 +233,7 @@ pub fn decide(
     if !can_send_out(&xlate) {
         return Ok(Plan::Defer);
     }
-    let reply = CtEntry {
+    *second = CtEntry {
         nat_addr_be: pkt.daddr_be,
         nat_port_be: pkt.dport_be,
         client_addr_be: pkt.saddr_be,
@@ -231,11 +245,11 @@ pub fn decide(
     };
     let reply_key =
         ct_key(backend.address_be, snat_be, backend.port_be, port_be, pkt.proto, CT_KIND_NAT_REPLY);
-    CONNTRACK.insert(&reply_key, &reply, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
+    CONNTRACK.insert(&reply_key, second, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
     svc.flags |= CT_F_SNAT;
     svc.client_addr_be = snat_be;
     svc.aux_port_be = port_be;
-    CONNTRACK.insert(&svc_key, &svc, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
+    CONNTRACK.insert(&svc_key, svc, 0).map_err(|_| DROP_CT_CREATE_FAILED)?;
     count(SERVICE_NEW, len);
     Ok(Plan::Out(xlate))
 }
@@ -243,21 +257,37 @@ pub fn decide(
 /// Picks a free (node address, port) for a SNATed connection: a hash of the
 /// client tuple, then a few probes. A taken port is one whose NAT_REPLY
 /// entry is alive.
-#[inline(always)]
+// Not inlined: its hashing gets a frame of its own instead of growing the
+// XDP program's past the 512-byte BPF stack.
+#[inline(never)]
 fn allocate_port(ifindex: u32, pkt: &Packet, backend: &weir_abi::lb::Backend) -> Result<(u32, u16), u32> {
     // SAFETY: copied out at once.
     let snat_be = DEVICES.get_ptr(&ifindex).map(|a| unsafe { *a }).unwrap_or(pkt.daddr_be);
     let now = now_secs();
-    let seed = pkt.saddr_be ^ (u32::from(pkt.sport_be) << 16) ^ u32::from(pkt.dport_be) ^ backend.address_be;
+    // Double hashing over the whole client tuple: a start and a stride, both
+    // well mixed, so that two flows share their candidates only by chance
+    // (a busy client address must not exhaust a handful of candidate sets).
+    let start = flow_hash(pkt.saddr_be, backend.address_be, pkt.sport_be, backend.port_be, pkt.proto);
+    let stride = 1 + flow_hash(pkt.daddr_be, pkt.saddr_be, pkt.dport_be, pkt.sport_be, pkt.proto)
+        % (SNAT_PORT_SPAN - 1);
     let mut i = 0;
     while i < SNAT_PROBES {
-        let port = (SNAT_PORT_MIN
-            + (seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7_919)) % SNAT_PORT_SPAN)
-            as u16;
+        let offset = (u64::from(start) + u64::from(i) * u64::from(stride)) % u64::from(SNAT_PORT_SPAN);
+        let port = (SNAT_PORT_MIN + offset as u32) as u16;
         let port_be = port.to_be();
         let key = ct_key(backend.address_be, snat_be, backend.port_be, port_be, pkt.proto, CT_KIND_NAT_REPLY);
-        // SAFETY: copied out at once.
-        let taken = CONNTRACK.get_ptr(&key).map(|e| unsafe { (*e).expires }).is_some_and(|exp| exp >= now);
+        // A live entry takes the port, unless it is this very client tuple's
+        // earlier connection: a client that reuses its source port has
+        // ended that one (its retransmitted SYNs never get here: they find
+        // the service entry), so the new connection takes its place.
+        // SAFETY: fields read in place (a copy would cost 64 bytes of stack).
+        let taken = CONNTRACK.get_ptr(&key).is_some_and(|e| unsafe {
+            (*e).expires >= now
+                && !((*e).client_addr_be == pkt.saddr_be
+                    && (*e).aux_port_be == pkt.sport_be
+                    && (*e).nat_addr_be == pkt.daddr_be
+                    && (*e).nat_port_be == pkt.dport_be)
+        });
         if !taken {
             return Ok((snat_be, port_be));
         }

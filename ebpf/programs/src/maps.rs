@@ -64,3 +64,9 @@ pub static MAGLEV: HashMap<MaglevKey, u32> = HashMap::pinned(capacity::MAGLEV, 0
 #[map(name = "LB4_SOCK_REVNAT_V1")]
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatEntry> =
     LruHashMap::pinned(capacity::SOCK_REVNAT, 0);
+
+/// Per-CPU scratch space for building conntrack entries (too large to keep
+/// several on the 512-byte BPF stack). Not pinned: it holds nothing between
+/// packets.
+#[map(name = "CT_SCRATCH")]
+pub static CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(2, 0);

@@ -78,6 +78,46 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
 /// [`parse`] over bytes already linear (XDP's always are).
 #[inline(always)]
 pub fn parse_bytes(ctx: Bytes) -> Result<Option<Packet>, u32> {
+    let mut pkt = Packet {
+        saddr_be: 0,
+        daddr_be: 0,
+        sport_be: 0,
+        dport_be: 0,
+        proto: 0,
+        tcp_flags: 0,
+        l4_off: 0,
+        l4_csum_off: 0,
+        is_udp: false,
+        can_nat: false,
+    };
+    match parse_into(ctx, &mut pkt) {
+        PARSED => Ok(Some(pkt)),
+        NOT_OURS => Ok(None),
+        reason => Err(reason),
+    }
+}
+
+const PARSED: u32 = 0;
+const NOT_OURS: u32 = 1;
+
+/// The parser proper, not inlined so that its temporaries stay out of the
+/// callers' frames (BPF stacks are 512 bytes over a whole call chain). It
+/// returns a plain code and fills `out`: a Rust enum in a subprogram's
+/// signature would put a type in the object's BTF that the kernel rejects.
+#[inline(never)]
+fn parse_into(ctx: Bytes, out: &mut Packet) -> u32 {
+    match parse_inline(ctx) {
+        Ok(Some(pkt)) => {
+            *out = pkt;
+            PARSED
+        }
+        Ok(None) => NOT_OURS,
+        Err(reason) => reason,
+    }
+}
+
+#[inline(always)]
+fn parse_inline(ctx: Bytes) -> Result<Option<Packet>, u32> {
     let Some(ethertype) = ptr_at::<[u8; 2]>(ctx, 12) else {
         return Ok(None);
     };

@@ -50,7 +50,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     // (back out of this device).
     let mut out_route = None;
     let can_send_out = |xlate: &Xlate| {
-        out_route = route(ctx, ifindex, xlate).filter(|params| params.ifindex == ifindex);
+        out_route = route(ctx, ifindex, xlate).filter(|hop| hop.ifindex == ifindex);
         out_route.is_some()
     };
     let plan = match from_netdev::decide(&pkt, ifindex, len, can_send_out) {
@@ -71,8 +71,8 @@ pub fn handle(ctx: &XdpContext) -> u32 {
             xdp_action::XDP_PASS
         }
         Plan::Out(xlate) => {
-            let Some(params) = out_route else { return xdp_action::XDP_PASS };
-            if rewrite(bytes(ctx), &pkt, &xlate).is_err() || set_macs(bytes(ctx), &params).is_err() {
+            let Some(next_hop) = out_route else { return xdp_action::XDP_PASS };
+            if rewrite(bytes(ctx), &pkt, &xlate).is_err() || set_macs(bytes(ctx), &next_hop).is_err() {
                 count(DROP_WRITE_ERROR, len);
                 return xdp_action::XDP_DROP;
             }
@@ -87,9 +87,19 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// The FIB's answer for the translated packet: egress device and MACs.
-#[inline(always)]
-fn route(ctx: &XdpContext, ifindex: u32, xlate: &Xlate) -> Option<bpf_fib_lookup> {
+/// Where the FIB sends a packet: the egress device and the MACs to use.
+#[derive(Clone, Copy)]
+struct NextHop {
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+/// The FIB's answer for the translated packet. Not inlined: its 64-byte
+/// request lives in its own frame, not in the program's (BPF stacks are
+/// 512 bytes).
+#[inline(never)]
+fn route(ctx: &XdpContext, ifindex: u32, xlate: &Xlate) -> Option<NextHop> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = 2; // AF_INET
@@ -100,15 +110,19 @@ fn route(ctx: &XdpContext, ifindex: u32, xlate: &Xlate) -> Option<bpf_fib_lookup
     let rc = unsafe {
         bpf_fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
     };
-    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(params)
+    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(NextHop {
+        ifindex: params.ifindex,
+        smac: params.smac,
+        dmac: params.dmac,
+    })
 }
 
 #[inline(always)]
-fn set_macs(bytes: Bytes, params: &bpf_fib_lookup) -> Result<(), ()> {
+fn set_macs(bytes: Bytes, hop: &NextHop) -> Result<(), ()> {
     let eth = ptr_at::<[u8; 12]>(bytes, 0).ok_or(())?;
     let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&params.dmac);
-    macs[6..].copy_from_slice(&params.smac);
+    macs[..6].copy_from_slice(&hop.dmac);
+    macs[6..].copy_from_slice(&hop.smac);
     // SAFETY: bounds checked by ptr_at.
     unsafe { core::ptr::write_unaligned(eth, macs) };
     Ok(())
@@ -141,7 +155,8 @@ fn update16(check: u16, old: u16, new: u16) -> u16 {
 
 /// Writes the translated tuple into the packet and updates the IPv4 and
 /// L4 checksums (a UDP checksum of zero means "none" and stays so).
-#[inline(always)]
+/// Not inlined, to keep its locals out of the frame that calls `decide`.
+#[inline(never)]
 fn rewrite(bytes: Bytes, pkt: &Packet, xlate: &Xlate) -> Result<(), ()> {
     // Bounded, so that the verifier can check the variable offsets.
     let l4_off = pkt.l4_off & 0x7f;

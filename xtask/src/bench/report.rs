@@ -1224,15 +1224,10 @@ fn failures(md: &mut String, ns: &NorthSouthResult) {
         let _ = writeln!(
             md,
             "\n**A datapath problem, not a cost.** No mapping for NAT masquerade is `allocate_port` in \
-             ebpf/programs/src/from_netdev.rs finding none of its 8 candidate SNAT ports free; the SYN is dropped, \
-             retransmitted a second later, and dropped again while the candidates stay taken (closed connections \
-             hold their port for 10 s). Yet the most SNAT translations a Weir node held after a connection-rate run \
-             was {}, of 28,232 ports. The candidates come from `seed × 2654435761 + i × 7919 (mod 28,232)` with the client's \
-             source port in the seed's upper 16 bits, which the multiplication never carries into the lower ones: \
-             one client address and backend get only about 3,530 distinct candidate sets (65,536 ≡ 9,072 and \
-             gcd(9,072, 28,232) = 8), and flows that share a set collide on all 8 probes. A benchmark client \
-             (or a NAT gateway in front of the cluster) opening connections from one address hits it within \
-             seconds; iptables' `MASQUERADE --random-fully` has no such limit.",
+             ebpf/programs/src/from_netdev.rs finding none of its candidate SNAT ports free (16 probes of a \
+             double hash over 28,229 ports; a client that reuses its source port takes back its own earlier \
+             port); the SYN is dropped and retransmitted a second later. The most SNAT translations a Weir \
+             node held after a connection-rate run was {}, of 28,229 ports.",
             nat.join(", ")
         );
     }
