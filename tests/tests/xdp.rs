@@ -197,6 +197,9 @@ fn xdp_keeps_serving_while_the_agent_restarts() -> Result<()> {
 
     let mut conn = connect(&net.client, SocketAddrV4::new(NODE1_IP, REMOTE_NODE_PORT))?;
     ensure!(conn.exchange()? == "remote");
+    // The uplink's tc and XDP links (node 1 has no pods); the uplink came
+    // after the agent, whose attach retry runs every second.
+    bed.wait_for_pinned_links(2)?;
     let mut links_before = bed.agent().pinned_links()?;
     bed.agent_mut().kill()?;
     let tx_down = bed.cli().metric_packets(XDP_TX)?;
