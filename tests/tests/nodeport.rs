@@ -273,3 +273,33 @@ fn connect_when_ready(client: &NetNs, target: SocketAddrV4) -> Result<TcpConn> {
     })?;
     conn.context("connected")
 }
+
+/// A NodePort whose service has no endpoints refuses external clients at
+/// once (ICMP port unreachable, kube-proxy's REJECT "has no endpoints"),
+/// through XDP (which leaves it to tc) and tc alike.
+#[test]
+fn node_port_without_endpoints_refuses_external_clients() -> Result<()> {
+    let mut bed = TestBed::new()?;
+    let client = external_client(&bed)?;
+    let ports = [ServicePort::tcp("http", 80, 8080)];
+    let mut svc = service(NAMESPACE, "empty", "10.96.0.35", &ports);
+    svc["spec"]["type"] = serde_json::json!("NodePort");
+    svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(30085);
+    bed.manifests().write("empty.yaml", &[svc])?;
+    bed.cli().wait_for_backends(AGENT_TIMEOUT, NODE_IP, 30085, "TCP", &[])?;
+    bed.wait_for_pinned_links(2)?;
+    let target = SocketAddrV4::new(NODE_IP, 30085);
+    let started = std::time::Instant::now();
+    let attempt = client.run(move || TcpStream::connect_timeout(&target.into(), DEFAULT_TIMEOUT))?;
+    ensure!(
+        attempt.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "connection refused, got {attempt:?}"
+    );
+    ensure!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "refused at once: {:?}",
+        started.elapsed()
+    );
+    ensure!(bed.cli().metric_packets(158)? > 0, "counted under 158 (no backend)");
+    Ok(())
+}

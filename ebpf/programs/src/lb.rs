@@ -41,6 +41,14 @@ pub fn local_without_backends(address_be: u32, port_be: u16, proto: u8) -> bool 
         .is_some_and(|s| s.flags & SVC_FLAG_LOCAL != 0 && s.count == 0)
 }
 
+/// Whether a north-south connection to this address is to be dropped
+/// silently rather than refused: its (external) frontend keeps to a `Local`
+/// policy and has no local endpoint.
+#[inline(always)]
+pub fn external_local_without_backends(address_be: u32, port_be: u16, proto: u8) -> bool {
+    lookup_service(address_be, port_be, proto).is_some_and(|s| s.flags & SVC_FLAG_LOCAL != 0 && s.count == 0)
+}
+
 /// The backend a client's affinity names, if it is fresh and the backend
 /// still holds its slot (so it is still in the service).
 #[inline(always)]

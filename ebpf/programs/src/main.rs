@@ -76,10 +76,7 @@ mod programs {
                         && !lb::local_without_backends(pkt.daddr_be, pkt.dport_be, pkt.proto)
                     {
                         metrics::count(reason, ctx.len());
-                        if let Some(action) = reject::port_unreachable(&ctx, &pkt) {
-                            return action;
-                        }
-                        return TC_ACT_SHOT as i32;
+                        return reject::port_unreachable(&ctx, &pkt);
                     }
                 }
                 verdict
@@ -112,7 +109,20 @@ mod programs {
     #[classifier]
     pub fn weir_from_netdev(ctx: TcContext) -> i32 {
         let verdict = match packet::parse(&ctx) {
-            Ok(Some(pkt)) => from_netdev::handle(&ctx, &pkt),
+            Ok(Some(pkt)) => {
+                let verdict = from_netdev::handle(&ctx, &pkt);
+                // A NodePort or external address without endpoints: refuse,
+                // as kube-proxy does (a Local policy without local
+                // endpoints is dropped instead). XDP leaves these to tc.
+                if let Verdict::Drop(DROP_NO_SERVICE) = verdict
+                    && reject::applies(&pkt)
+                    && !lb::external_local_without_backends(pkt.daddr_be, pkt.dport_be, pkt.proto)
+                {
+                    metrics::count(DROP_NO_SERVICE, ctx.len());
+                    return reject::port_unreachable_in_frame(&ctx, &pkt);
+                }
+                verdict
+            }
             Ok(None) => Verdict::Pass,
             // Not ours to judge what else arrives from the network.
             Err(_) => Verdict::Pass,

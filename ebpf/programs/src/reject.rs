@@ -6,7 +6,7 @@
 //! `tail_no_service_ipv4` does the same).
 
 use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
@@ -48,10 +48,25 @@ fn checksum(buf: &mut Icmp, offset: usize, len: usize) -> [u8; 2] {
 }
 
 /// Turns the packet into an ICMP port unreachable and redirects it back.
-/// Returns the TC verdict, or `None` when the packet could not be rewritten
-/// (the caller drops it).
+/// Returns the TC verdict: a redirect of the ICMP error, or TC_ACT_SHOT when
+/// the packet could not be rewritten. Inlined (the from-pod program has room
+/// for its buffer, and a call would add a frame to its deepest chain).
 #[inline(always)]
-pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
+pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> i32 {
+    rewrite_into_port_unreachable(ctx, pkt).unwrap_or(TC_ACT_SHOT as i32)
+}
+
+/// [`port_unreachable`] in a frame of its own, for the from-netdev program,
+/// whose deepest chain (the north-south decision) leaves no room for the
+/// ICMP buffer. Returns a plain integer: a Rust enum in a subprogram's
+/// signature puts a type in the object's BTF that the kernel rejects.
+#[inline(never)]
+pub fn port_unreachable_in_frame(ctx: &TcContext, pkt: &Packet) -> i32 {
+    rewrite_into_port_unreachable(ctx, pkt).unwrap_or(TC_ACT_SHOT as i32)
+}
+
+#[inline(always)]
+fn rewrite_into_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
     let macs: [u8; 12] = ctx.load(0).ok()?;
     let quoted: [u8; 28] = ctx.load(ETH_HLEN).ok()?;
     // SAFETY: the context's own skb, resized before anything is written.

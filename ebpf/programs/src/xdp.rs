@@ -2,7 +2,9 @@
 //! runs XDP natively: the same decision as the tc program
 //! ([`from_netdev::decide`]), taken before the kernel allocates an skb.
 //!
-//! - Drops (source ranges, no backend) happen here, at the earliest point.
+//! - Drops (source ranges, a Local policy without local backend) happen
+//!   here, at the earliest point; a frontend without any backend is left to
+//!   tc, which answers with an ICMP port unreachable.
 //! - A local backend: the packet is translated and passed to the stack,
 //!   which routes it to the pod.
 //! - A packet that must leave again (SNAT to a remote backend, a reply to a
@@ -24,10 +26,11 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use weir_abi::metrics::{DROP_WRITE_ERROR, XDP_TO_STACK, XDP_TO_TC, XDP_TX};
+use weir_abi::metrics::{DROP_NO_SERVICE, DROP_WRITE_ERROR, XDP_TO_STACK, XDP_TO_TC, XDP_TX};
 
 use crate::{
     from_netdev::{self, Plan, Xlate},
+    lb,
     metrics::count,
     packet::{Bytes, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet, parse_bytes, ptr_at},
 };
@@ -55,6 +58,13 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     };
     let plan = match from_netdev::decide(&pkt, ifindex, len, can_send_out) {
         Ok(plan) => plan,
+        // No endpoint: tc answers with an ICMP port unreachable (nothing
+        // was recorded, so it decides again to the same result).
+        Err(DROP_NO_SERVICE)
+            if !lb::external_local_without_backends(pkt.daddr_be, pkt.dport_be, pkt.proto) =>
+        {
+            return xdp_action::XDP_PASS;
+        }
         Err(reason) => {
             count(reason, len);
             return xdp_action::XDP_DROP;
