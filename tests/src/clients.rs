@@ -6,12 +6,15 @@
 //! from the caller's thread: a socket belongs to the namespace it was created
 //! in, whichever thread uses it.
 
+use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::cli::wait_for;
+use crate::netns::NetNs;
 use crate::topology::Pod;
 
 /// A reasonable timeout for one request inside a namespace: generous, since a
@@ -140,4 +143,33 @@ pub fn http_get(pod: &Pod, addr: SocketAddrV4, timeout: Duration) -> Result<Stri
         bail!("HTTP error from {addr}: {head}");
     }
     Ok(body.trim().to_owned())
+}
+
+/// A TCP connection from a namespace that is not a pod's (an external
+/// client, the node itself).
+pub fn connect_from(ns: &NetNs, target: SocketAddrV4, timeout: Duration) -> Result<TcpConn> {
+    let stream = ns
+        .run(move || TcpStream::connect_timeout(&target.into(), timeout))?
+        .with_context(|| format!("{}: TCP connect to {target}", ns.name()))?;
+    TcpConn::from_stream(stream, timeout)
+}
+
+/// [`connect_from`], retried until it connects or `wait` passes (the agent
+/// attaches to new devices within a second of programming the maps).
+pub fn connect_when_ready(ns: &NetNs, target: SocketAddrV4, wait: Duration) -> Result<TcpConn> {
+    wait_for(
+        wait,
+        &format!("a connection to {target}"),
+        || Ok(connect_from(ns, target, DEFAULT_TIMEOUT).ok()),
+    )
+}
+
+/// One request on each of `n` new connections; how many each pod answered.
+pub fn tally(n: usize, mut request: impl FnMut() -> Result<String>) -> Result<BTreeMap<String, usize>> {
+    let mut answers = BTreeMap::new();
+    for i in 0..n {
+        let name = request().with_context(|| format!("new connection {i} of {n}"))?;
+        *answers.entry(name).or_insert(0) += 1;
+    }
+    Ok(answers)
 }

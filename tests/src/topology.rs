@@ -189,3 +189,26 @@ pub fn link(a: &NetNs, a_ip: Ipv4Addr, b: &NetNs, b_dev: &str, b_ip: Ipv4Addr, p
     }
     Ok(a_dev)
 }
+
+/// A host outside the cluster: namespace `<node>-<suffix>` whose `eth0`
+/// (`host_ip`/24) is wired to a fresh uplink of `node` (`node_ip`/24); it
+/// routes everything through the node.
+pub fn external_host(node: &Node, suffix: &str, node_ip: Ipv4Addr, host_ip: Ipv4Addr) -> Result<NetNs> {
+    let host = NetNs::create(&format!("{}-{suffix}", node.name()))?;
+    host.ip(&["link", "set", "lo", "up"])?;
+    link(node.netns(), node_ip, &host, "eth0", host_ip, 24)?;
+    host.ip(&["route", "add", "default", "via", &node_ip.to_string()])?;
+    Ok(host)
+}
+
+/// A second node of the tests (no agent), linked to `node` by a /30 of its
+/// own (198.19.0.1 – 198.19.0.2): `node` routes the second node's pods
+/// (10.244.1.0/24) over it, and the second node routes everything back.
+pub fn second_node(node: &Node) -> Result<Node> {
+    let node2 = Node::create(names::TEST_PREFIX)?;
+    let (near, far) = (Ipv4Addr::new(198, 19, 0, 1), Ipv4Addr::new(198, 19, 0, 2));
+    link(node.netns(), near, node2.netns(), "uplink", far, 30)?;
+    node.netns().ip(&["route", "add", "10.244.1.0/24", "via", &far.to_string()])?;
+    node2.netns().ip(&["route", "add", "default", "via", &near.to_string()])?;
+    Ok(node2)
+}

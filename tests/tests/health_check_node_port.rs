@@ -14,27 +14,12 @@ use serde_json::{Value, json};
 use weir_tests::cli::{wait_for, wait_until};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
 use weir_tests::manifests::{ServicePort, endpoint_slice, service};
-use weir_tests::names;
 use weir_tests::netns::NetNs;
+use weir_tests::topology::external_host;
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The load balancer's prober: a namespace on the node's uplink
-/// (198.18.0.0/24, a benchmarking range that never leaves these namespaces).
-fn load_balancer(bed: &TestBed) -> Result<NetNs> {
-    let lb = NetNs::create(&format!("{}-lb", bed.node().name()))?;
-    let node = bed.node().netns();
-    let uplink = names::host_interface();
-    node.ip(&["link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", lb.name()])?;
-    node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", &uplink])?;
-    node.ip(&["link", "set", &uplink, "up"])?;
-    lb.ip(&["link", "set", "lo", "up"])?;
-    lb.ip(&["addr", "add", &format!("{LB_IP}/24"), "dev", "eth0"])?;
-    lb.ip(&["link", "set", "eth0", "up"])?;
-    Ok(lb)
-}
 
 /// A LoadBalancer Service with `externalTrafficPolicy: Local` and its
 /// EndpointSlice.
@@ -107,7 +92,7 @@ fn wait_refused(lb: &NetNs, port: u16) -> Result<()> {
 #[test]
 fn health_check_node_port_reports_ready_local_endpoints() -> Result<()> {
     let bed = TestBed::new()?;
-    let lb = load_balancer(&bed)?;
+    let lb = external_host(bed.node(), "lb", NODE_IP, LB_IP)?;
     let (here, port) = (bed.node().name().to_owned(), 32100);
     let write = |endpoints: &[Value]| {
         bed.manifests().write("web.yaml", &manifests("web", "10.96.0.40", port, endpoints))
@@ -144,7 +129,7 @@ fn health_check_node_port_reports_ready_local_endpoints() -> Result<()> {
 #[test]
 fn health_check_node_port_moves_and_a_taken_port_is_only_a_warning() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let lb = load_balancer(&bed)?;
+    let lb = external_host(bed.node(), "lb", NODE_IP, LB_IP)?;
     let here = bed.node().name().to_owned();
     let (taken, old, new) = (32110, 32111, 32112);
     // Another process of the node holds `taken`.

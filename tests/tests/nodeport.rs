@@ -6,56 +6,21 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 
 use anyhow::{Context, Result, ensure};
-use weir_tests::clients::{DEFAULT_TIMEOUT, TcpConn};
+use weir_tests::clients::{DEFAULT_TIMEOUT, connect_from, connect_when_ready};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
 use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
-use weir_tests::names;
 use weir_tests::netns::NetNs;
 use weir_tests::servers::{TcpMode, TcpServer};
+use weir_tests::topology::{external_host, second_node};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 7);
 
-/// A host outside the cluster, on the node's uplink (198.18.0.0/24, a
-/// benchmarking range that never leaves these namespaces).
-fn external_client(bed: &TestBed) -> Result<NetNs> {
-    let ns = NetNs::create(&format!("{}-ext", bed.node().name()))?;
-    let node = bed.node().netns();
-    let uplink = names::host_interface();
-    node.ip(&["link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
-    node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", &uplink])?;
-    node.ip(&["link", "set", &uplink, "up"])?;
-    node.set_sysctl(&format!("net.ipv4.conf.{uplink}.rp_filter"), "0")?;
-    ns.ip(&["link", "set", "lo", "up"])?;
-    ns.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    ns.ip(&["route", "add", "default", "via", &NODE_IP.to_string()])?;
-    Ok(ns)
-}
-
-/// A second node, without Weir, linked to the first by its own link (not the
-/// uplink); its pods are in 10.244.1.0/24.
-fn second_node(bed: &TestBed) -> Result<weir_tests::topology::Node> {
-    let node2 = weir_tests::topology::Node::create(names::TEST_PREFIX)?;
-    let (n1, n2) = (bed.node().netns(), node2.netns());
-    weir_tests::topology::link(
-        n1,
-        Ipv4Addr::new(198, 19, 0, 1),
-        n2,
-        "uplink",
-        Ipv4Addr::new(198, 19, 0, 2),
-        30,
-    )?;
-    n1.ip(&["route", "add", "10.244.1.0/24", "via", "198.19.0.2"])?;
-    n2.ip(&["route", "add", "default", "via", "198.19.0.1"])?;
-    Ok(node2)
-}
-
 #[test]
 fn node_port_and_external_ip_reach_a_local_backend_with_the_client_address() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let client = external_client(&bed)?;
+    let client = external_host(bed.node(), "ext", NODE_IP, CLIENT_IP)?;
     let backend = bed.add_pod("backend")?;
     let server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
     let vip = Ipv4Addr::new(10, 96, 0, 30);
@@ -75,7 +40,7 @@ fn node_port_and_external_ip_reach_a_local_backend_with_the_client_address() -> 
     client.ip(&["route", "add", &format!("{EXTERNAL_IP}/32"), "via", &NODE_IP.to_string()])?;
 
     for target in [SocketAddrV4::new(NODE_IP, 30080), SocketAddrV4::new(EXTERNAL_IP, 80)] {
-        let mut conn = connect_when_ready(&client, target)?;
+        let mut conn = connect_when_ready(&client, target, AGENT_TIMEOUT)?;
         ensure!(conn.peer_addr()? == SocketAddr::V4(target), "replies come from {target}");
         ensure!(conn.exchange()? == "backend");
         ensure!(conn.exchange()? == "backend", "the connection keeps working");
@@ -95,8 +60,8 @@ fn node_port_and_external_ip_reach_a_local_backend_with_the_client_address() -> 
 #[test]
 fn node_port_reaches_a_backend_on_another_node_through_snat() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let client = external_client(&bed)?;
-    let node2 = second_node(&bed)?;
+    let client = external_host(bed.node(), "ext", NODE_IP, CLIENT_IP)?;
+    let node2 = second_node(bed.node())?;
     let remote = node2.add_pod("remote", Ipv4Addr::new(10, 244, 1, 5))?;
     let server = TcpServer::start(&remote, 8080, TcpMode::Lines)?;
 
@@ -111,7 +76,7 @@ fn node_port_reaches_a_backend_on_another_node_through_snat() -> Result<()> {
     bed.wait_attached()?;
 
     let target = SocketAddrV4::new(NODE_IP, 30081);
-    let mut conn = connect_when_ready(&client, target)?;
+    let mut conn = connect_when_ready(&client, target, AGENT_TIMEOUT)?;
     ensure!(conn.peer_addr()? == SocketAddr::V4(target), "replies come from the NodePort");
     ensure!(conn.exchange()? == "remote");
     ensure!(conn.exchange()? == "remote", "the connection keeps working");
@@ -138,7 +103,7 @@ fn node_port_reaches_a_backend_on_another_node_through_snat() -> Result<()> {
 #[test]
 fn load_balancer_source_ranges_admit_only_listed_clients() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let client = external_client(&bed)?;
+    let client = external_host(bed.node(), "ext", NODE_IP, CLIENT_IP)?;
     let backend = bed.add_pod("backend")?;
     let _server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
     let lb_ip = Ipv4Addr::new(198, 18, 9, 9);
@@ -225,8 +190,8 @@ fn devices_flag_limits_node_ports_to_the_listed_devices() -> Result<()> {
 fn snat_ports_stay_distinct_over_a_thousand_connections() -> Result<()> {
     const CONNECTIONS: usize = 1000;
     let mut bed = TestBed::new()?;
-    let client = external_client(&bed)?;
-    let node2 = second_node(&bed)?;
+    let client = external_host(bed.node(), "ext", NODE_IP, CLIENT_IP)?;
+    let node2 = second_node(bed.node())?;
     let remote = node2.add_pod("remote", Ipv4Addr::new(10, 244, 1, 6))?;
     let server = TcpServer::start(&remote, 8080, TcpMode::Lines)?;
     let ports = [ServicePort::tcp("http", 80, 8080)];
@@ -239,13 +204,10 @@ fn snat_ports_stay_distinct_over_a_thousand_connections() -> Result<()> {
     bed.cli().wait_for_backends(AGENT_TIMEOUT, NODE_IP, 30084, "TCP", &[remote.ip()])?;
     bed.wait_attached()?;
     let target = SocketAddrV4::new(NODE_IP, 30084);
-    connect_when_ready(&client, target)?;
+    connect_when_ready(&client, target, AGENT_TIMEOUT)?;
     for i in 0..CONNECTIONS {
-        let mut conn = client
-            .run(move || TcpStream::connect_timeout(&target.into(), DEFAULT_TIMEOUT))?
-            .map_err(anyhow::Error::from)
-            .and_then(|s| TcpConn::from_stream(s, DEFAULT_TIMEOUT))
-            .with_context(|| format!("connection {i}"))?;
+        let mut conn =
+            connect_from(&client, target, DEFAULT_TIMEOUT).with_context(|| format!("connection {i}"))?;
         ensure!(conn.exchange()? == "remote", "connection {i}");
     }
     let nat: Vec<serde_json::Value> = bed.cli().json(&["nat", "list"])?;
@@ -262,25 +224,13 @@ fn snat_ports_stay_distinct_over_a_thousand_connections() -> Result<()> {
     Ok(())
 }
 
-/// Connects once the datapath serves `target` (the agent attaches within a
-/// second of programming the maps).
-fn connect_when_ready(client: &NetNs, target: SocketAddrV4) -> Result<TcpConn> {
-    let mut conn = None;
-    weir_tests::cli::wait_until(AGENT_TIMEOUT, &format!("a connection to {target}"), || {
-        let stream = client.run(move || TcpStream::connect_timeout(&target.into(), DEFAULT_TIMEOUT))?;
-        conn = stream.ok().map(|s| TcpConn::from_stream(s, DEFAULT_TIMEOUT)).transpose()?;
-        Ok(conn.is_some())
-    })?;
-    conn.context("connected")
-}
-
 /// A NodePort whose service has no endpoints refuses external clients at
 /// once (ICMP port unreachable, kube-proxy's REJECT "has no endpoints"),
 /// through XDP (which leaves it to tc) and tc alike.
 #[test]
 fn node_port_without_endpoints_refuses_external_clients() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let client = external_client(&bed)?;
+    let client = external_host(bed.node(), "ext", NODE_IP, CLIENT_IP)?;
     let ports = [ServicePort::tcp("http", 80, 8080)];
     let mut svc = service(NAMESPACE, "empty", "10.96.0.35", &ports);
     svc["spec"]["type"] = serde_json::json!("NodePort");

@@ -54,24 +54,6 @@ fn write_service(
     )
 }
 
-/// Removes the agent's socket directory (`/run/weir/<root name>`) when the
-/// test ends: the agent is SIGKILLed and cannot remove it itself.
-struct SocketDir(PathBuf);
-
-impl SocketDir {
-    fn of(bed: &TestBed) -> SocketDir {
-        SocketDir(socket_of(bed).parent().map(Path::to_owned).unwrap_or_default())
-    }
-}
-
-impl Drop for SocketDir {
-    fn drop(&mut self) {
-        if self.0.starts_with("/run/weir/") {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 /// Runs `weir observe <args> -o json` and returns its responses.
 fn observe(bed: &TestBed, args: &[&str]) -> Result<Vec<Value>> {
     let mut full = vec!["observe"];
@@ -178,7 +160,6 @@ fn server_status(bed: &TestBed) -> Result<ServerStatusResponse> {
 #[test]
 fn cluster_ip_connection_is_a_flow() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let _bed_socket = SocketDir::of(&bed);
     let client = bed.add_pod("client")?;
     let backend = bed.add_pod("backend")?;
     let _server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
@@ -262,7 +243,6 @@ fn cluster_ip_connection_is_a_flow() -> Result<()> {
 #[test]
 fn drops_carry_their_reason() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let _bed_socket = SocketDir::of(&bed);
     let client = bed.add_pod("client")?;
     let backend = bed.add_pod("backend")?;
     let _server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
@@ -342,7 +322,6 @@ fn drops_carry_their_reason() -> Result<()> {
 #[test]
 fn filters_select_exactly_the_matching_flows() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let _bed_socket = SocketDir::of(&bed);
     let client_a = bed.add_pod("client-a")?;
     let client_b = bed.add_pod("client-b")?;
     let backend_1 = bed.add_pod("backend-1")?;
@@ -465,7 +444,6 @@ impl Drop for ChildGuard {
 #[test]
 fn follow_streams_new_flows() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let _bed_socket = SocketDir::of(&bed);
     let client = bed.add_pod("client")?;
     let backend = bed.add_pod("backend")?;
     let _server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
@@ -567,7 +545,6 @@ fn overflow_is_reported_as_lost_events() -> Result<()> {
         ..AgentOptions::default()
     };
     let mut bed = TestBed::with_options(options)?;
-    let _bed_socket = SocketDir::of(&bed);
     let client = bed.add_pod("client")?;
     let backend = bed.add_pod("backend")?;
     let _server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
@@ -647,7 +624,6 @@ fn grpc_api_answers_a_client_built_from_the_proto() -> Result<()> {
         ..AgentOptions::default()
     };
     let mut bed = TestBed::with_options(options)?;
-    let _bed_socket = SocketDir::of(&bed);
     let client = bed.add_pod("client")?;
     let backend = bed.add_pod("backend")?;
     let _server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
@@ -779,10 +755,8 @@ fn pod_is(f: &Value, side: &str, name: &str) -> bool {
 #[test]
 fn cost_of_flow_events() -> Result<()> {
     let mut on = TestBed::new()?;
-    let _on_socket = SocketDir::of(&on);
     let off_options = AgentOptions { extra_args: vec!["--no-flow-events".into()], ..AgentOptions::default() };
     let mut off = TestBed::with_options(off_options)?;
-    let _off_socket = SocketDir::of(&off);
     let vip = Ipv4Addr::new(10, 96, 8, 10);
     let mut pods = Vec::new();
     let mut backends = Vec::new();

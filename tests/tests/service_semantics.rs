@@ -26,23 +26,16 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use weir_tests::cli::{LbService, codes, wait_for, wait_until};
-use weir_tests::clients::{DEFAULT_TIMEOUT, TcpConn, tcp_request};
+use weir_tests::clients::{DEFAULT_TIMEOUT, TcpConn, connect_from, connect_when_ready, tally, tcp_request};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
 use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
-use weir_tests::names;
-use weir_tests::netns::NetNs;
 use weir_tests::servers::{TcpMode, TcpServer};
-use weir_tests::topology::{Node, Pod};
+use weir_tests::topology::{Pod, external_host, second_node};
 
 /// The first node's address on its uplink, where its NodePorts listen.
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 1);
 /// The client outside the cluster.
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 2);
-/// The two ends of the link between the nodes.
-const NODE1_LINK_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 40, 1);
-const NODE2_LINK_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 40, 2);
-/// The second node's pods.
-const NODE2_PODS: &str = "10.244.1.0/24";
 
 /// New connections per check: if a backend that must not be used were one
 /// of two equally likely choices, all of them missing it would happen with
@@ -52,57 +45,6 @@ const CONNECTIONS: usize = 50;
 const FAILING_TIMEOUT: Duration = Duration::from_secs(1);
 /// Attempts that must all fail.
 const FAILING_ATTEMPTS: usize = 5;
-
-/// Links namespaces `a` and `b` with a veth pair (`b`'s end named `b_dev`),
-/// addressed `a_ip` and `b_ip` in a /`prefix`, reverse-path filtering off.
-fn link(a: &NetNs, a_ip: Ipv4Addr, b: &NetNs, b_dev: &str, b_ip: Ipv4Addr, prefix: u8) -> Result<()> {
-    let a_dev = names::host_interface();
-    a.ip(&["link", "add", &a_dev, "type", "veth", "peer", "name", b_dev, "netns", b.name()])?;
-    for (ns, dev, ip) in [(a, a_dev.as_str(), a_ip), (b, b_dev, b_ip)] {
-        ns.ip(&["addr", "add", &format!("{ip}/{prefix}"), "dev", dev])?;
-        ns.ip(&["link", "set", dev, "up"])?;
-        ns.set_sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
-    }
-    Ok(())
-}
-
-/// A host outside the cluster on the bed's node uplink, routed through it.
-fn external_client(bed: &TestBed) -> Result<NetNs> {
-    let client = NetNs::create(&format!("{}-ext", bed.node().name()))?;
-    client.ip(&["link", "set", "lo", "up"])?;
-    link(bed.node().netns(), NODE_IP, &client, "eth0", CLIENT_IP, 24)?;
-    client.ip(&["route", "add", "default", "via", &NODE_IP.to_string()])?;
-    Ok(client)
-}
-
-/// A second node, without an agent, linked to the bed's node; each routes
-/// the other's pods over the link.
-fn second_node(bed: &TestBed) -> Result<Node> {
-    let node2 = Node::create(names::TEST_PREFIX)?;
-    let node1 = bed.node().netns();
-    link(node1, NODE1_LINK_IP, node2.netns(), "peer0", NODE2_LINK_IP, 30)?;
-    node1.ip(&["route", "add", NODE2_PODS, "via", &NODE2_LINK_IP.to_string()])?;
-    node2.netns().ip(&["route", "add", "default", "via", &NODE1_LINK_IP.to_string()])?;
-    Ok(node2)
-}
-
-/// A TCP connection from a namespace that is not a pod's.
-fn connect_from(ns: &NetNs, target: SocketAddrV4, timeout: Duration) -> Result<TcpConn> {
-    let stream = ns
-        .run(move || TcpStream::connect_timeout(&target.into(), timeout))?
-        .with_context(|| format!("{}: TCP connect to {target}", ns.name()))?;
-    TcpConn::from_stream(stream, timeout)
-}
-
-/// One request on each of `n` new connections; how many each pod answered.
-fn tally(n: usize, mut request: impl FnMut() -> Result<String>) -> Result<BTreeMap<String, usize>> {
-    let mut answers = BTreeMap::new();
-    for i in 0..n {
-        let name = request().with_context(|| format!("new connection {i} of {n}"))?;
-        *answers.entry(name).or_insert(0) += 1;
-    }
-    Ok(answers)
-}
 
 /// Fails unless every one of [`FAILING_ATTEMPTS`] connections fails.
 fn ensure_connections_fail(connect: impl Fn() -> Result<TcpConn>, what: &str) -> Result<()> {
@@ -130,8 +72,8 @@ fn states(row: &LbService) -> BTreeMap<Ipv4Addr, &str> {
 #[test]
 fn external_traffic_policy_local_serves_a_node_port_from_local_endpoints_only() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let client = external_client(&bed)?;
-    let node2 = second_node(&bed)?;
+    let client = external_host(bed.node(), "ext", NODE_IP, CLIENT_IP)?;
+    let node2 = second_node(bed.node())?;
     let local = bed.add_pod("local")?;
     let remote = node2.add_pod("remote", Ipv4Addr::new(10, 244, 1, 5))?;
     let local_server = TcpServer::start(&local, 8080, TcpMode::Lines)?;
@@ -157,9 +99,7 @@ fn external_traffic_policy_local_serves_a_node_port_from_local_endpoints_only() 
     bed.wait_attached()?;
 
     let target = SocketAddrV4::new(NODE_IP, node_port);
-    wait_until(AGENT_TIMEOUT, &format!("a connection to {target}"), || {
-        Ok(connect_from(&client, target, DEFAULT_TIMEOUT).is_ok())
-    })?;
+    connect_when_ready(&client, target, AGENT_TIMEOUT)?;
     let answers = tally(CONNECTIONS, || connect_from(&client, target, DEFAULT_TIMEOUT)?.exchange())?;
     eprintln!("{CONNECTIONS} connections to the NodePort: {answers:?}");
     ensure!(answers.keys().all(|name| name == "local"), "only the local backend answers: {answers:?}");
@@ -197,7 +137,7 @@ fn external_traffic_policy_local_serves_a_node_port_from_local_endpoints_only() 
 #[test]
 fn internal_traffic_policy_local_keeps_pods_on_their_own_node() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let node2 = second_node(&bed)?;
+    let node2 = second_node(bed.node())?;
     let client = bed.add_pod("client")?;
     let local = bed.add_pod("local")?;
     let remote = node2.add_pod("remote", Ipv4Addr::new(10, 244, 1, 6))?;
@@ -321,7 +261,7 @@ fn session_affinity_ends_after_the_timeout_without_connections() -> Result<()> {
 #[test]
 fn pods_reach_an_external_traffic_policy_local_address_through_every_endpoint() -> Result<()> {
     let mut bed = TestBed::new()?;
-    let node2 = second_node(&bed)?;
+    let node2 = second_node(bed.node())?;
     let client = bed.add_pod("client")?;
     let remote = node2.add_pod("remote", Ipv4Addr::new(10, 244, 1, 7))?;
     let _remote_server = TcpServer::start(&remote, 8080, TcpMode::Lines)?;

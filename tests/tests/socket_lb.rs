@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail, ensure};
 use weir_tests::agent::AgentOptions;
 use weir_tests::cgroup::TestCgroup;
 use weir_tests::cli::wait_until;
-use weir_tests::clients::{DEFAULT_TIMEOUT, TcpConn};
+use weir_tests::clients::{DEFAULT_TIMEOUT, TcpConn, connect_from};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
 use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
 use weir_tests::netns::NetNs;
@@ -30,13 +30,6 @@ const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 40, 11);
 const NODE_PORT: u16 = 30400;
 /// `SOCK_LB_TRANSLATED` in weir_abi::metrics.
 const SOCK_LB_TRANSLATED: u32 = 7;
-
-fn tcp_to(node: &NetNs, addr: SocketAddrV4) -> Result<TcpConn> {
-    let stream = node
-        .run(move || TcpStream::connect_timeout(&addr.into(), DEFAULT_TIMEOUT))?
-        .with_context(|| format!("node process: TCP connect to {addr}"))?;
-    TcpConn::from_stream(stream, DEFAULT_TIMEOUT)
-}
 
 fn connected_udp(node: &NetNs, addr: SocketAddrV4) -> Result<UdpSocket> {
     let socket = node
@@ -105,7 +98,7 @@ fn node_processes_reach_services_through_the_socket_lb() -> Result<()> {
     let translated_before = bed.cli().metric_packets(SOCK_LB_TRANSLATED)?;
 
     // TCP: connected to the backend itself, yet getpeername says ClusterIP.
-    let mut conn = tcp_to(node, http)?;
+    let mut conn = connect_from(node, http, DEFAULT_TIMEOUT)?;
     ensure!(conn.exchange()? == "backend-a", "a node process reaches the ClusterIP over TCP");
     ensure!(conn.peer_addr()? == SocketAddr::V4(http), "getpeername() shows the service address");
     ensure!(
@@ -121,7 +114,7 @@ fn node_processes_reach_services_through_the_socket_lb() -> Result<()> {
     // (kube-proxy's localhost NodePorts).
     for address in [NODE_IP, Ipv4Addr::LOCALHOST] {
         let target = SocketAddrV4::new(address, NODE_PORT);
-        let mut node_port = tcp_to(node, target)?;
+        let mut node_port = connect_from(node, target, DEFAULT_TIMEOUT)?;
         ensure!(node_port.exchange()? == "backend-a", "a node process reaches the NodePort on {address}");
         ensure!(node_port.peer_addr()? == SocketAddr::V4(target), "getpeername() shows {target}");
     }
@@ -155,7 +148,7 @@ fn node_processes_reach_services_through_the_socket_lb() -> Result<()> {
     // Backend change: a leaves, b takes over.
     write_backends(&bed, &[&b])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, VIP, 53, "UDP", &[b.ip()])?;
-    let mut fresh = tcp_to(node, http)?;
+    let mut fresh = connect_from(node, http, DEFAULT_TIMEOUT)?;
     ensure!(fresh.exchange()? == "backend-b", "new connections follow the backend change");
     ensure!(tcp_b.peers().len() == 1, "b served the new connection: {:?}", tcp_b.peers());
     // Established TCP keeps its backend (as under kube-proxy).
@@ -209,14 +202,14 @@ fn node_processes_reach_services_through_the_socket_lb() -> Result<()> {
     // The hooks are pinned links: the socket LB serves with the agent down,
     // and the restarted agent replaces them without a gap.
     bed.agent_mut().kill()?;
-    let mut while_down = tcp_to(bed.node().netns(), http)?;
+    let mut while_down = connect_from(bed.node().netns(), http, DEFAULT_TIMEOUT)?;
     ensure!(while_down.exchange()? == "backend-b", "socket LB with the agent down");
     bed.agent_mut().restart()?;
     wait_until(AGENT_TIMEOUT, "the restarted agent to attach the socket LB", || {
         bed.agent_mut().ensure_running()?;
         Ok(bed.agent().log().matches("socket LB attached").count() >= 2)
     })?;
-    let mut after = tcp_to(bed.node().netns(), http)?;
+    let mut after = connect_from(bed.node().netns(), http, DEFAULT_TIMEOUT)?;
     ensure!(after.exchange()? == "backend-b", "socket LB after the restart");
     ensure!(while_down.exchange()? == "backend-b", "a connection made meanwhile keeps working");
     drop(membership);

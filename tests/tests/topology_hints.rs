@@ -11,11 +11,10 @@
 //! is a count over [`CONNECTIONS`] new connections that would all miss one
 //! of three equally likely backends with probability (2/3)^60 < 10^-10.
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use anyhow::{Context, Result, ensure};
-use weir_tests::clients::{DEFAULT_TIMEOUT, tcp_request};
+use anyhow::{Result, ensure};
+use weir_tests::clients::{DEFAULT_TIMEOUT, tally, tcp_request};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
 use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, node, service};
 use weir_tests::servers::{TcpMode, TcpServer};
@@ -23,16 +22,6 @@ use weir_tests::topology::Pod;
 
 /// New connections per check.
 const CONNECTIONS: usize = 60;
-
-/// One request on each of `n` new connections; how many each pod answered.
-fn tally(n: usize, mut request: impl FnMut() -> Result<String>) -> Result<BTreeMap<String, usize>> {
-    let mut answers = BTreeMap::new();
-    for i in 0..n {
-        let name = request().with_context(|| format!("new connection {i} of {n}"))?;
-        *answers.entry(name).or_insert(0) += 1;
-    }
-    Ok(answers)
-}
 
 /// Zone hints keep a ClusterIP's traffic in the node's zone (`zone-a`): the
 /// endpoint hinted for `zone-b` gets no connection. One endpoint without a

@@ -11,30 +11,17 @@ use weir_tests::agent::{Agent, AgentOptions};
 use weir_tests::clients::{DEFAULT_TIMEOUT, TcpConn};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
 use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, pod, service};
-use weir_tests::names;
 use weir_tests::servers::{TcpMode, TcpServer};
-use weir_tests::topology::Node;
+use weir_tests::topology::second_node;
 
 #[test]
 fn cluster_ip_served_by_a_backend_on_the_other_node() -> Result<()> {
     let mut bed = TestBed::new()?;
     let client = bed.add_pod("client")?;
-    let node2 = Node::create(names::TEST_PREFIX)?;
+    // A second node, linked to the first; each routes the other's pods.
+    let node2 = second_node(bed.node())?;
     let far = node2.add_pod("far", Ipv4Addr::new(10, 244, 1, 5))?;
     let server = TcpServer::start(&far, 8080, TcpMode::Lines)?;
-
-    // The link between the nodes, and each node's route to the other's pods.
-    let (n1, n2) = (bed.node().netns(), node2.netns());
-    let link = names::host_interface();
-    n1.ip(&["link", "add", &link, "type", "veth", "peer", "name", "peer0", "netns", n2.name()])?;
-    n1.ip(&["addr", "add", "198.19.1.1/30", "dev", &link])?;
-    n1.ip(&["link", "set", &link, "up"])?;
-    n1.set_sysctl(&format!("net.ipv4.conf.{link}.rp_filter"), "0")?;
-    n1.ip(&["route", "add", "10.244.1.0/24", "via", "198.19.1.2"])?;
-    n2.ip(&["addr", "add", "198.19.1.2/30", "dev", "peer0"])?;
-    n2.ip(&["link", "set", "peer0", "up"])?;
-    n2.set_sysctl("net.ipv4.conf.peer0.rp_filter", "0")?;
-    n2.ip(&["route", "add", "10.244.0.0/24", "via", "198.19.1.1"])?;
 
     // Both agents read the same cluster; each programs its own node.
     let vip = Ipv4Addr::new(10, 96, 0, 40);

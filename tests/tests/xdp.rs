@@ -13,12 +13,12 @@
 //! an XDP_PASS program, without which veth does not deliver XDP_TX frames
 //! (see `weir_tests::xdp_pass`).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use weir_tests::agent::AgentOptions;
-use weir_tests::cli::{Cli, wait_until};
-use weir_tests::clients::{DEFAULT_TIMEOUT, TcpConn};
+use weir_tests::cli::Cli;
+use weir_tests::clients::connect_when_ready;
 use weir_tests::ethtool::{self, SET_TX_CHECKSUM};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
 use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
@@ -75,16 +75,6 @@ fn one_armed(bed: &TestBed) -> Result<OneArm> {
     Ok(OneArm { client, _xdp_pass: xdp_pass, _router: router, node2 })
 }
 
-fn connect(client: &NetNs, target: SocketAddrV4) -> Result<TcpConn> {
-    let mut conn = None;
-    wait_until(AGENT_TIMEOUT, &format!("a connection to {target}"), || {
-        let stream = client.run(move || TcpStream::connect_timeout(&target.into(), DEFAULT_TIMEOUT))?;
-        conn = stream.ok().map(|s| TcpConn::from_stream(s, DEFAULT_TIMEOUT)).transpose()?;
-        Ok(conn.is_some())
-    })?;
-    conn.context("connected")
-}
-
 fn counters(cli: &Cli) -> Result<[u64; 3]> {
     Ok([cli.metric_packets(XDP_TX)?, cli.metric_packets(XDP_TO_STACK)?, cli.metric_packets(XDP_TO_TC)?])
 }
@@ -123,7 +113,7 @@ fn north_south(extra_args: &[&str]) -> Result<(TestBed, [u64; 3])> {
     let before = counters(bed.cli())?;
 
     let far = SocketAddrV4::new(NODE1_IP, REMOTE_NODE_PORT);
-    let mut conn = connect(&net.client, far)?;
+    let mut conn = connect_when_ready(&net.client, far, AGENT_TIMEOUT)?;
     ensure!(conn.peer_addr()? == SocketAddr::V4(far), "replies come from the NodePort");
     for _ in 0..3 {
         ensure!(conn.exchange()? == "remote");
@@ -135,7 +125,7 @@ fn north_south(extra_args: &[&str]) -> Result<(TestBed, [u64; 3])> {
     );
 
     let near = SocketAddrV4::new(NODE1_IP, LOCAL_NODE_PORT);
-    let mut conn = connect(&net.client, near)?;
+    let mut conn = connect_when_ready(&net.client, near, AGENT_TIMEOUT)?;
     ensure!(conn.exchange()? == "local");
     let local_addr = conn.local_addr()?;
     ensure!(
@@ -195,7 +185,8 @@ fn xdp_keeps_serving_while_the_agent_restarts() -> Result<()> {
     bed.cli().wait_for_backends(AGENT_TIMEOUT, NODE1_IP, REMOTE_NODE_PORT, "TCP", &[remote.ip()])?;
     bed.wait_attached()?;
 
-    let mut conn = connect(&net.client, SocketAddrV4::new(NODE1_IP, REMOTE_NODE_PORT))?;
+    let mut conn =
+        connect_when_ready(&net.client, SocketAddrV4::new(NODE1_IP, REMOTE_NODE_PORT), AGENT_TIMEOUT)?;
     ensure!(conn.exchange()? == "remote");
     // The uplink's tc and XDP links (node 1 has no pods); the uplink came
     // after the agent, whose attach retry runs every second.
