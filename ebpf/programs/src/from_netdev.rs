@@ -18,9 +18,10 @@ use weir_abi::{
         CT_F_NORTH_SOUTH, CT_F_SNAT, CT_KIND_FLOW, CT_KIND_NAT_REPLY, CT_KIND_SERVICE, CT_STATE_CLOSING,
         CtEntry,
     },
-    lb::{SVC_FLAG_SOURCE_RANGES, SVC_FLAGS_NORTH_SOUTH, SourceRangeKey, flow_hash},
+    lb::{SVC_FLAG_LOCAL, SVC_FLAG_SOURCE_RANGES, SVC_FLAGS_NORTH_SOUTH, SourceRangeKey, flow_hash},
     metrics::{
-        DROP_CT_CREATE_FAILED, DROP_NOT_IN_SOURCE_RANGE, REVERSE_NAT, SERVICE_ESTABLISHED, SERVICE_NEW,
+        DROP_CT_CREATE_FAILED, DROP_NAT_NO_MAPPING, DROP_NO_SERVICE, DROP_NOT_IN_SOURCE_RANGE, REVERSE_NAT,
+        SERVICE_ESTABLISHED, SERVICE_NEW,
     },
 };
 
@@ -70,6 +71,9 @@ pub enum Plan {
     /// route that leaves by another device): nothing was recorded, and the
     /// packet is left to the tc program.
     Defer,
+    /// A frontend without any backend: refuse (tc answers with an ICMP
+    /// port unreachable, as kube-proxy's REJECT).
+    Reject,
 }
 
 /// The tc program: decides (no XDP on this device, or XDP deferred the
@@ -85,6 +89,7 @@ pub fn handle(ctx: &TcContext, pkt: &Packet) -> Verdict {
     };
     let (xlate, out) = match plan {
         Plan::Pass | Plan::Defer => return Verdict::Pass,
+        Plan::Reject => return Verdict::Reject(DROP_NO_SERVICE),
         Plan::Local(xlate) => (xlate, false),
         Plan::Out(xlate) => (xlate, true),
     };
@@ -113,17 +118,18 @@ pub fn decide(
     if !pkt.can_nat {
         return Ok(Plan::Pass);
     }
-    // SAFETY: copied out at once.
     // Read in place: a copy would cost 40 bytes of a tight stack.
     let Some(cfg) = CONFIG.get_ptr(0) else { return Ok(Plan::Pass) };
     // SAFETY: a valid map value for the program's lifetime.
     let cfg = unsafe { &*cfg };
     let now = now_secs();
 
-    // 1. A remote backend's reply to a SNATed client.
+    // 1. A remote backend's reply to a SNATed client: only the ports the
+    //    SNAT hands out can carry one, so other packets skip the lookup.
+    let to_snat_port = u32::from(u16::from_be(pkt.dport_be)).wrapping_sub(SNAT_PORT_MIN) < SNAT_PORT_SPAN;
     let reply_key =
         ct_key(pkt.saddr_be, pkt.daddr_be, pkt.sport_be, pkt.dport_be, pkt.proto, CT_KIND_NAT_REPLY);
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&reply_key) {
+    if to_snat_port && let Some(entry) = CONNTRACK.get_ptr_mut(&reply_key) {
         // SAFETY: a valid map value; concurrent updates only race on counters.
         let entry = unsafe { &mut *entry };
         let xlate = Xlate {
@@ -181,7 +187,13 @@ pub fn decide(
             return Err(DROP_NOT_IN_SOURCE_RANGE);
         }
     }
-    let (backend_id, backend) = lb::select_backend(&service, pkt.saddr_be, now, packet_hash(pkt))?;
+    let (backend_id, backend) = match lb::select_backend(&service, pkt.saddr_be, now, packet_hash(pkt)) {
+        Ok(chosen) => chosen,
+        // kube-proxy DROPs under a Local policy without local endpoints,
+        // and REJECTs when there are none at all.
+        Err(reason) if service.flags & SVC_FLAG_LOCAL != 0 => return Err(reason),
+        Err(_) => return Ok(Plan::Reject),
+    };
     // The two entries of a new connection are built in per-CPU scratch
     // space: on the stack they would not fit next to everything else.
     let (Some(svc), Some(second)) = (CT_SCRATCH.get_ptr_mut(0), CT_SCRATCH.get_ptr_mut(1)) else {
@@ -224,7 +236,7 @@ pub fn decide(
         count(SERVICE_NEW, len);
         return Ok(Plan::Local(xlate));
     }
-    let (snat_be, port_be) = allocate_port(ifindex, pkt, &backend)?;
+    let (snat_be, port_be) = allocate_port(ifindex, pkt, &backend, now)?;
     xlate.saddr_be = snat_be;
     xlate.sport_be = port_be;
     // Checked before anything is recorded; a deferred packet comes back
@@ -260,10 +272,14 @@ pub fn decide(
 // Not inlined: its hashing gets a frame of its own instead of growing the
 // XDP program's past the 512-byte BPF stack.
 #[inline(never)]
-fn allocate_port(ifindex: u32, pkt: &Packet, backend: &weir_abi::lb::Backend) -> Result<(u32, u16), u32> {
+fn allocate_port(
+    ifindex: u32,
+    pkt: &Packet,
+    backend: &weir_abi::lb::Backend,
+    now: u32,
+) -> Result<(u32, u16), u32> {
     // SAFETY: copied out at once.
     let snat_be = DEVICES.get_ptr(&ifindex).map(|a| unsafe { *a }).unwrap_or(pkt.daddr_be);
-    let now = now_secs();
     // Double hashing over the whole client tuple: a start and a stride, both
     // well mixed, so that two flows share their candidates only by chance
     // (a busy client address must not exhaust a handful of candidate sets).
@@ -293,7 +309,7 @@ fn allocate_port(ifindex: u32, pkt: &Packet, backend: &weir_abi::lb::Backend) ->
         }
         i += 1;
     }
-    Err(DROP_NAT_NO_PORT)
+    Err(DROP_NAT_NO_MAPPING)
 }
 
 /// Sends a packet whose source is now a node address straight out (see
@@ -305,9 +321,6 @@ fn redirect(ctx: &TcContext, saddr_be: u32, daddr_be: u32) -> Verdict {
         None => Verdict::Pass,
     }
 }
-
-/// Cilium's DROP_NAT_NO_MAPPING: no SNAT port could be found.
-const DROP_NAT_NO_PORT: u32 = weir_abi::metrics::DROP_NAT_NO_MAPPING;
 
 #[inline(always)]
 fn translate(ctx: &TcContext, pkt: &Packet, xlate: &Xlate) -> Result<(), u32> {

@@ -10,6 +10,7 @@ use weir_abi::{
         CtEntry, CtKey,
     },
     events::{DIRECTION_EGRESS as EVENT_EGRESS, EVENT_F_TRANSLATED, EVENT_NEW_CONNECTION, OBSERVED_FROM_POD},
+    lb::SVC_FLAG_LOCAL,
     metrics::{
         DROP_CT_CREATE_FAILED, DROP_IS_CLUSTER_IP, DROP_POLICY_DENIED, HAIRPIN_NEW, POLICY_ALLOWED,
         REVERSE_NAT, SERVICE_ESTABLISHED, SERVICE_NEW,
@@ -157,7 +158,14 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
         if pkt.can_nat { lb::lookup_service_internal(pkt.daddr_be, pkt.dport_be, pkt.proto) } else { None };
     let (target_be, target_port_be, backend) = match &service {
         Some(service) => {
-            let (backend_id, backend) = lb::select_backend(service, pkt.saddr_be, now, packet_hash(pkt))?;
+            let (backend_id, backend) = match lb::select_backend(service, pkt.saddr_be, now, packet_hash(pkt))
+            {
+                Ok(chosen) => chosen,
+                // kube-proxy DROPs under a Local policy without local
+                // endpoints, and REJECTs when there are none at all.
+                Err(reason) if service.flags & SVC_FLAG_LOCAL != 0 => return Err(reason),
+                Err(reason) => return Ok(Verdict::Reject(reason)),
+            };
             (backend.address_be, backend.port_be, Some((service.service_id, backend_id)))
         }
         None => {
@@ -165,7 +173,7 @@ fn try_handle(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
             // deleted service, an undefined port): drop instead of routing it
             // nowhere.
             if cfg.service_mask_be != 0 && pkt.daddr_be & cfg.service_mask_be == cfg.service_cidr_be {
-                return Err(DROP_IS_CLUSTER_IP);
+                return Ok(Verdict::Reject(DROP_IS_CLUSTER_IP));
             }
             (pkt.daddr_be, pkt.dport_be, None)
         }

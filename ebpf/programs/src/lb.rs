@@ -3,8 +3,8 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use weir_abi::{
     lb::{
-        AffinityEntry, AffinityKey, Backend, MaglevKey, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_LOCAL,
-        SVC_FLAG_MAGLEV, SVC_FLAG_TWO_SCOPES, Service, ServiceKey, SlotKey,
+        AffinityEntry, AffinityKey, Backend, MaglevKey, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
+        SVC_FLAG_TWO_SCOPES, Service, ServiceKey, SlotKey,
     },
     metrics::DROP_NO_SERVICE,
 };
@@ -29,24 +29,6 @@ pub fn lookup_service_internal(address_be: u32, port_be: u16, proto: u8) -> Opti
     let key = ServiceKey::with_scope(address_be, port_be, proto, SCOPE_INTERNAL);
     // SAFETY: the value is copied out at once.
     SERVICES.get_ptr(&key).map(|internal| unsafe { *internal }).or(Some(svc))
-}
-
-/// Whether an in-cluster client's new connection to this address is to be
-/// dropped silently rather than refused: a `Local` traffic policy with no
-/// local endpoint (kube-proxy DROPs it; a service without any endpoint it
-/// REJECTs).
-#[inline(always)]
-pub fn local_without_backends(address_be: u32, port_be: u16, proto: u8) -> bool {
-    lookup_service_internal(address_be, port_be, proto)
-        .is_some_and(|s| s.flags & SVC_FLAG_LOCAL != 0 && s.count == 0)
-}
-
-/// Whether a north-south connection to this address is to be dropped
-/// silently rather than refused: its (external) frontend keeps to a `Local`
-/// policy and has no local endpoint.
-#[inline(always)]
-pub fn external_local_without_backends(address_be: u32, port_be: u16, proto: u8) -> bool {
-    lookup_service(address_be, port_be, proto).is_some_and(|s| s.flags & SVC_FLAG_LOCAL != 0 && s.count == 0)
 }
 
 /// The backend a client's affinity names, if it is fresh and the backend

@@ -42,6 +42,10 @@ mod xdp;
 pub enum Verdict {
     Pass,
     Drop(u32),
+    /// Drop with this reason, answering with an ICMP port unreachable when
+    /// the packet opens a connection: a service address with nothing behind
+    /// it (kube-proxy's REJECT).
+    Reject(u32),
     /// The packet was redirected; return this TC action.
     Redirect(i32),
 }
@@ -54,12 +58,9 @@ mod programs {
         programs::{SockAddrContext, TcContext, XdpContext},
     };
 
-    use weir_abi::{
-        events::{DIRECTION_EGRESS, DIRECTION_INGRESS, OBSERVED_FROM_POD, OBSERVED_TO_POD},
-        metrics::{DROP_IS_CLUSTER_IP, DROP_NO_SERVICE},
-    };
+    use weir_abi::events::{DIRECTION_EGRESS, DIRECTION_INGRESS, OBSERVED_FROM_POD, OBSERVED_TO_POD};
 
-    use crate::{Verdict, events, from_netdev, from_pod, lb, metrics, packet, reject, sock, to_pod, xdp};
+    use crate::{Verdict, events, from_netdev, from_pod, metrics, packet, reject, sock, to_pod, xdp};
 
     /// Attached to tcx ingress of a pod's host-side veth: traffic from the pod.
     #[classifier]
@@ -67,17 +68,14 @@ mod programs {
         let verdict = match packet::parse(&ctx) {
             Ok(Some(pkt)) => {
                 let verdict = from_pod::handle(&ctx, &pkt);
-                if let Verdict::Drop(reason) = verdict {
+                if let Verdict::Drop(reason) | Verdict::Reject(reason) = verdict {
                     events::drop(&ctx, &pkt, reason, OBSERVED_FROM_POD, DIRECTION_EGRESS);
-                    // A service address with nothing behind it: refuse, as
-                    // kube-proxy's REJECT does, rather than let it time out.
-                    if (reason == DROP_NO_SERVICE || reason == DROP_IS_CLUSTER_IP)
-                        && reject::applies(&pkt)
-                        && !lb::local_without_backends(pkt.daddr_be, pkt.dport_be, pkt.proto)
-                    {
-                        metrics::count(reason, ctx.len());
-                        return reject::port_unreachable(&ctx, &pkt);
-                    }
+                }
+                if let Verdict::Reject(reason) = verdict
+                    && reject::applies(&pkt)
+                {
+                    metrics::count(reason, ctx.len());
+                    return reject::port_unreachable(&ctx, &pkt);
                 }
                 verdict
             }
@@ -111,14 +109,11 @@ mod programs {
         let verdict = match packet::parse(&ctx) {
             Ok(Some(pkt)) => {
                 let verdict = from_netdev::handle(&ctx, &pkt);
-                // A NodePort or external address without endpoints: refuse,
-                // as kube-proxy does (a Local policy without local
-                // endpoints is dropped instead). XDP leaves these to tc.
-                if let Verdict::Drop(DROP_NO_SERVICE) = verdict
+                // XDP leaves these to tc, which can answer.
+                if let Verdict::Reject(reason) = verdict
                     && reject::applies(&pkt)
-                    && !lb::external_local_without_backends(pkt.daddr_be, pkt.dport_be, pkt.proto)
                 {
-                    metrics::count(DROP_NO_SERVICE, ctx.len());
+                    metrics::count(reason, ctx.len());
                     return reject::port_unreachable_in_frame(&ctx, &pkt);
                 }
                 verdict
@@ -167,7 +162,7 @@ mod programs {
         match verdict {
             Verdict::Pass => TC_ACT_OK as i32,
             Verdict::Redirect(action) => action,
-            Verdict::Drop(reason) => {
+            Verdict::Drop(reason) | Verdict::Reject(reason) => {
                 metrics::count(reason, ctx.len());
                 TC_ACT_SHOT as i32
             }

@@ -26,11 +26,10 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use weir_abi::metrics::{DROP_NO_SERVICE, DROP_WRITE_ERROR, XDP_TO_STACK, XDP_TO_TC, XDP_TX};
+use weir_abi::metrics::{DROP_WRITE_ERROR, XDP_TO_STACK, XDP_TO_TC, XDP_TX};
 
 use crate::{
     from_netdev::{self, Plan, Xlate},
-    lb,
     metrics::count,
     packet::{Bytes, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet, parse_bytes, ptr_at},
 };
@@ -58,20 +57,15 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     };
     let plan = match from_netdev::decide(&pkt, ifindex, len, can_send_out) {
         Ok(plan) => plan,
-        // No endpoint: tc answers with an ICMP port unreachable (nothing
-        // was recorded, so it decides again to the same result).
-        Err(DROP_NO_SERVICE)
-            if !lb::external_local_without_backends(pkt.daddr_be, pkt.dport_be, pkt.proto) =>
-        {
-            return xdp_action::XDP_PASS;
-        }
         Err(reason) => {
             count(reason, len);
             return xdp_action::XDP_DROP;
         }
     };
     match plan {
-        Plan::Pass => xdp_action::XDP_PASS,
+        // No backend at all: tc answers with an ICMP port unreachable
+        // (nothing was recorded, so it decides again to the same result).
+        Plan::Pass | Plan::Reject => xdp_action::XDP_PASS,
         Plan::Local(xlate) => {
             if rewrite(bytes(ctx), &pkt, &xlate).is_err() {
                 count(DROP_WRITE_ERROR, len);
