@@ -82,7 +82,7 @@ impl Health {
         self.state().node_ineligible = !eligible;
     }
 
-    /// (healthy, lastUpdated, nodeEligible) at `now`.
+    /// The state behind the answers at `now`.
     fn check(&self, now: SystemTime) -> Check {
         let state = self.state();
         Check {

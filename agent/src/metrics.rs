@@ -241,7 +241,6 @@ impl Metrics {
         }
     }
 
-    /// Records one reconciliation that took `elapsed`.
     /// Counts the map writes a reconciliation could not make.
     pub fn map_write_failed(&self, errors: &[(&'static str, bool)]) {
         for (map, full) in errors {
@@ -251,6 +250,7 @@ impl Metrics {
         }
     }
 
+    /// Records one reconciliation that took `elapsed`.
     pub fn synced(&self, elapsed: Duration) {
         self.sync_duration.observe(elapsed.as_secs_f64());
         self.sync_last_timestamp.set(unix_now());

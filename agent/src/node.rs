@@ -338,9 +338,12 @@ impl Agent {
         // The node's devices: north-south traffic, and the SNAT addresses.
         let mut device_map = BTreeMap::new();
         // Loopback carries the node's traffic to itself, never north-south:
-        // its addresses count as the node's, but it gets no program.
+        // it may hold node addresses, but it gets no program.
         for (ifname, address) in self.devices.iter().filter(|(name, _)| name != "lo") {
             let Some(index) = datapath::attach::ifindex(ifname) else { continue };
+            // Kept whatever the attach's outcome: prune must not remove the
+            // XDP link of a device whose tc attach failed.
+            keep.insert((ifname.clone(), index));
             let attached = self
                 .datapath
                 .program(Hook::FromNetdev)
@@ -348,7 +351,6 @@ impl Agent {
             match attached {
                 Ok(()) => {
                     device_map.entry(index).or_insert(*address);
-                    keep.insert((ifname.clone(), index));
                 }
                 Err(err) => warn!(device = %ifname, error = %format!("{err:#}"), "cannot attach"),
             }
@@ -356,8 +358,10 @@ impl Agent {
                 self.attachments.remove_xdp(ifname);
                 continue;
             }
-            let accelerated =
-                self.datapath.xdp_program().and_then(|program| self.attachments.ensure_xdp(program, ifname));
+            let accelerated = self
+                .datapath
+                .xdp_program()
+                .and_then(|program| self.attachments.ensure(Hook::XdpFromNetdev, program, ifname));
             match accelerated {
                 Ok(()) => {}
                 // best-effort: say it once per device, tc serves it.

@@ -54,6 +54,48 @@ impl Hook {
     }
 }
 
+/// A program whose links [`Attachments::ensure`] manages: tc or XDP.
+pub trait LinkProgram {
+    /// Swaps this program into a pinned link (BPF_LINK_UPDATE); the pin
+    /// keeps the link, so our handle is let go without detaching it.
+    fn adopt(&mut self, link: FdLink) -> anyhow::Result<()>;
+    /// Attaches this program at `hook` of `ifname`; the caller pins the link.
+    fn attach_new(&mut self, hook: Hook, ifname: &str) -> anyhow::Result<FdLink>;
+}
+
+impl LinkProgram for SchedClassifier {
+    fn adopt(&mut self, link: FdLink) -> anyhow::Result<()> {
+        let link = SchedClassifierLink::try_from(link).context("pinned link is not a tcx link")?;
+        let id = self.attach_to_link(link).context("updating the pinned link")?;
+        drop(self.take_link(id)?);
+        Ok(())
+    }
+
+    fn attach_new(&mut self, hook: Hook, ifname: &str) -> anyhow::Result<FdLink> {
+        let attach_type = hook.tc_attach_type().context("not a tc hook")?;
+        let id = self
+            .attach(ifname, attach_type)
+            .with_context(|| format!("attaching {} to {ifname}", hook.name()))?;
+        FdLink::try_from(self.take_link(id)?).context("tcx link expected")
+    }
+}
+
+impl LinkProgram for Xdp {
+    fn adopt(&mut self, link: FdLink) -> anyhow::Result<()> {
+        let link = XdpLink::try_from(link).context("pinned link is not an XDP link")?;
+        let id = self.attach_to_link(link).context("updating the pinned XDP link")?;
+        drop(self.take_link(id)?);
+        Ok(())
+    }
+
+    fn attach_new(&mut self, _hook: Hook, ifname: &str) -> anyhow::Result<FdLink> {
+        let id = self
+            .attach(ifname, XdpMode::Driver)
+            .with_context(|| format!("attaching native XDP to {ifname}"))?;
+        FdLink::try_from(self.take_link(id)?).context("an XDP bpf_link expected")
+    }
+}
+
 /// Interface index by name in the current network namespace.
 pub fn ifindex(name: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(name).ok()
@@ -85,40 +127,11 @@ impl Attachments {
         Ok(Self { dir, current: BTreeMap::new() })
     }
 
-    /// Makes sure `program` runs at `hook` of `ifname`.
-    pub fn ensure(&mut self, hook: Hook, program: &mut SchedClassifier, ifname: &str) -> anyhow::Result<()> {
-        let index = ifindex(ifname).with_context(|| format!("interface {ifname} not found"))?;
-        let slot = (hook, ifname.to_owned());
-        if self.current.get(&slot) == Some(&index) {
-            return Ok(());
-        }
-        let pin = self.dir.join(pin_name(hook, ifname, index));
-        if pin.exists() {
-            // Left by an earlier run: take it over without a gap.
-            let link = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
-            let link =
-                SchedClassifierLink::try_from(FdLink::from(link)).context("pinned link is not a tcx link")?;
-            let id = program.attach_to_link(link).context("updating the pinned link")?;
-            // The pin keeps the link; dropping our handle must not detach it.
-            drop(program.take_link(id)?);
-            info!(interface = ifname, hook = hook.name(), "adopted pinned link");
-        } else {
-            let attach_type = hook.tc_attach_type().context("not a tc hook")?;
-            let id = program
-                .attach(ifname, attach_type)
-                .with_context(|| format!("attaching {} to {ifname}", hook.name()))?;
-            let link = FdLink::try_from(program.take_link(id)?).context("tcx link expected")?;
-            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
-            info!(interface = ifname, ifindex = index, hook = hook.name(), "attached");
-        }
-        self.current.insert(slot, index);
-        Ok(())
-    }
-
-    /// Makes sure `program` runs as native XDP on `ifname`; fails when the
-    /// driver cannot run XDP natively (the caller falls back to tc alone).
-    pub fn ensure_xdp(&mut self, program: &mut Xdp, ifname: &str) -> anyhow::Result<()> {
-        let hook = Hook::XdpFromNetdev;
+    /// Makes sure `program` runs at `hook` of `ifname`: takes over the pinned
+    /// link of an earlier run without a gap, or attaches and pins a new one.
+    /// For XDP this fails when the driver cannot run it natively (the
+    /// caller then relies on tc alone).
+    pub fn ensure(&mut self, hook: Hook, program: &mut impl LinkProgram, ifname: &str) -> anyhow::Result<()> {
         let index = ifindex(ifname).with_context(|| format!("interface {ifname} not found"))?;
         let slot = (hook, ifname.to_owned());
         if self.current.get(&slot) == Some(&index) {
@@ -127,15 +140,10 @@ impl Attachments {
         let pin = self.dir.join(pin_name(hook, ifname, index));
         if pin.exists() {
             let link = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
-            let link = XdpLink::try_from(FdLink::from(link)).context("pinned link is not an XDP link")?;
-            let id = program.attach_to_link(link).context("updating the pinned XDP link")?;
-            drop(program.take_link(id)?);
+            program.adopt(FdLink::from(link))?;
             info!(interface = ifname, hook = hook.name(), "adopted pinned link");
         } else {
-            let id = program
-                .attach(ifname, XdpMode::Driver)
-                .with_context(|| format!("attaching native XDP to {ifname}"))?;
-            let link = FdLink::try_from(program.take_link(id)?).context("an XDP bpf_link expected")?;
+            let link = program.attach_new(hook, ifname)?;
             link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
             info!(interface = ifname, ifindex = index, hook = hook.name(), "attached");
         }

@@ -72,6 +72,8 @@ pub struct Datapath {
     policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
     events: Option<RingBuf<MapData>>,
     devices: HashMap<MapData, u32, u32>,
+    /// What the last successful `set_devices` wrote.
+    devices_written: Option<BTreeMap<u32, Ipv4Addr>>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     maglev: HashMap<MapData, MaglevKey, u32>,
     sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatEntry>,
@@ -125,6 +127,7 @@ impl Datapath {
             policy: take(&mut ebpf, map_name::POLICY)?,
             events: Some(take(&mut ebpf, map_name::EVENTS)?),
             devices: take(&mut ebpf, map_name::DEVICES)?,
+            devices_written: None,
             source_ranges: take(&mut ebpf, map_name::SOURCE_RANGES)?,
             maglev: take(&mut ebpf, map_name::MAGLEV)?,
             sock_revnat: take(&mut ebpf, map_name::SOCK_REVNAT)?,
@@ -198,7 +201,12 @@ impl Datapath {
     }
 
     /// Makes the devices map hold exactly `devices` (ifindex → address).
+    /// Called every second by the attach retry: unchanged devices cost no
+    /// map access.
     pub fn set_devices(&mut self, devices: &BTreeMap<u32, Ipv4Addr>) -> anyhow::Result<()> {
+        if self.devices_written.as_ref() == Some(devices) {
+            return Ok(());
+        }
         let current: Vec<u32> = self.devices.keys().collect::<Result<_, _>>()?;
         for ifindex in current.iter().filter(|i| !devices.contains_key(i)) {
             ignore_absent(self.devices.remove(ifindex))?;
@@ -209,6 +217,7 @@ impl Datapath {
                 self.devices.insert(ifindex, address_be, 0)?;
             }
         }
+        self.devices_written = Some(devices.clone());
         Ok(())
     }
 

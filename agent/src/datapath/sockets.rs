@@ -33,8 +33,9 @@ pub fn destroy_stale_udp(
     revnat: &HashMap<MapData, SockRevNatKey, SockRevNatEntry>,
     stale: &HashSet<StaleUdpBackend>,
 ) -> anyhow::Result<usize> {
+    let netlink = connect()?;
     let mut destroyed = 0;
-    for id in udp_sockets()? {
+    for id in udp_sockets(&netlink)? {
         let (IpAddr::V4(dst), IpAddr::V4(_)) = (id.destination_address, id.source_address) else {
             continue;
         };
@@ -48,7 +49,7 @@ pub fn destroy_stale_udp(
         let Ok(entry) = revnat.get(&key, 0) else { continue };
         let frontend_be = (entry.address_be, entry.port_be);
         if stale.contains(&StaleUdpBackend { frontend_be, backend_be }) {
-            destroy(id)?;
+            destroy(&netlink, id)?;
             destroyed += 1;
         }
     }
@@ -84,9 +85,8 @@ fn request(socket_id: SocketId) -> SockDiagMessage {
 }
 
 /// Every IPv4 UDP socket of the current network namespace.
-fn udp_sockets() -> anyhow::Result<Vec<SocketId>> {
-    let socket = connect()?;
-    send(&socket, NLM_F_REQUEST | NLM_F_DUMP, request(SocketId::new_v4()))?;
+fn udp_sockets(socket: &Socket) -> anyhow::Result<Vec<SocketId>> {
+    send(socket, NLM_F_REQUEST | NLM_F_DUMP, request(SocketId::new_v4()))?;
     let mut sockets = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -115,9 +115,8 @@ fn udp_sockets() -> anyhow::Result<Vec<SocketId>> {
 
 /// `SOCK_DESTROY` of one socket (identified with its cookie, so a socket
 /// that reused the tuple is not hit).
-fn destroy(id: SocketId) -> anyhow::Result<()> {
-    let socket = connect()?;
-    send(&socket, NLM_F_REQUEST | NLM_F_ACK, SockDiagDestroy::new(request(id)))?;
+fn destroy(socket: &Socket, id: SocketId) -> anyhow::Result<()> {
+    send(socket, NLM_F_REQUEST | NLM_F_ACK, SockDiagDestroy::new(request(id)))?;
     let mut buf = vec![0u8; 8192];
     let size = socket.recv(&mut &mut buf[..], 0).context("reading the destroy acknowledgement")?;
     let message = <NetlinkMessage<SockDiagDestroy>>::deserialize(&buf[..size])

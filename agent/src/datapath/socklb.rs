@@ -84,8 +84,6 @@ pub fn detach(root: &Path) -> anyhow::Result<()> {
 /// The cookie of the current network namespace (`SO_NETNS_COOKIE`, Linux
 /// 5.14), the value `bpf_get_netns_cookie` returns for its sockets.
 pub fn netns_cookie() -> anyhow::Result<u64> {
-    /// Not in the libc crate yet.
-    const SO_NETNS_COOKIE: libc::c_int = 71;
     let socket = std::net::UdpSocket::bind("0.0.0.0:0").context("opening a socket")?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
@@ -94,7 +92,7 @@ pub fn netns_cookie() -> anyhow::Result<u64> {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
+            libc::SO_NETNS_COOKIE,
             (&raw mut cookie).cast(),
             &mut len,
         )

@@ -255,6 +255,8 @@ pub fn desired_frontends_on(
             .flatten()
             .filter_map(|r| r.trim().parse().ok())
             .collect();
+        let service_name = format!("{namespace}/{name}");
+        let affinity = affinity_timeout(svc);
         for port in ports {
             let (Some(proto), Some(frontend_port)) =
                 (parse_protocol(port.protocol.as_deref()), parse_port(port.port))
@@ -319,16 +321,18 @@ pub fn desired_frontends_on(
                 let terminating = !fallback.is_empty();
                 (fallback, terminating)
             };
+            // Computed once per port: every frontend address shares them.
+            let picked = [pick(false), pick(true)];
             let mut insert = |address: Ipv4Addr, port: u16, scope: u8, flags: u16, local: bool| {
-                let (backends, terminating) = pick(local);
+                let (backends, terminating) = picked[usize::from(local)].clone();
                 let ranged = flags & SVC_FLAG_SOURCE_RANGES != 0;
                 desired.insert(
                     Frontend { address, port, proto, scope },
                     FrontendSpec {
-                        service: format!("{namespace}/{name}"),
+                        service: service_name.clone(),
                         backends,
                         terminating,
-                        affinity_timeout: affinity_timeout(svc),
+                        affinity_timeout: affinity,
                         maglev,
                         flags: flags | if local { SVC_FLAG_LOCAL } else { 0 },
                         source_ranges: if ranged { source_ranges.clone() } else { Vec::new() },
