@@ -5,9 +5,9 @@
 //! flows leave a removed backend at once, session affinity.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use weir_tests::agent::AgentOptions;
 use weir_tests::cli::wait_until;
 use weir_tests::clients::{DEFAULT_TIMEOUT, udp_request};
@@ -253,16 +253,29 @@ fn maglev_picks_the_same_backend_for_the_same_flow() -> Result<()> {
     bed.wait_tcp(&client, SocketAddrV4::new(vip, 80))?;
 
     // Each connection from the same source port, closed with a reset so the
-    // port is free again at once (no TIME_WAIT).
+    // port is free again at once (no TIME_WAIT). The reset goes out when the
+    // last reference to the socket closes: a process another test forks in
+    // the meantime holds one until its exec, and for those milliseconds the
+    // old socket still owns the tuple (connect says EADDRNOTAVAIL), so that
+    // error is retried briefly.
+    let connect_from = move |port: u16| -> std::io::Result<std::net::TcpStream> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
+        socket.connect_timeout(&SocketAddrV4::new(vip, 80).into(), DEFAULT_TIMEOUT)?;
+        socket.set_linger(Some(Duration::ZERO))?;
+        Ok(socket.into())
+    };
     let from_port = |port: u16| -> Result<String> {
-        let stream = client.run(move || -> std::io::Result<std::net::TcpStream> {
-            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
-            socket.connect_timeout(&SocketAddrV4::new(vip, 80).into(), DEFAULT_TIMEOUT)?;
-            socket.set_linger(Some(Duration::ZERO))?;
-            Ok(socket.into())
-        })??;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let stream = loop {
+            match client.run(move || connect_from(port))? {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.with_context(|| format!("connect from port {port}"))?,
+            }
+        };
         let mut conn = weir_tests::clients::TcpConn::from_stream(stream, DEFAULT_TIMEOUT)?;
         conn.exchange()
     };
