@@ -84,6 +84,10 @@ pub struct LbState {
     source_ranges: BTreeMap<u32, BTreeSet<Ipv4Network>>,
     /// Maglev tables as written (backend id per entry), by service id.
     maglev: HashMap<u32, Vec<u32>>,
+    /// What each written Maglev table was built from (backend name and id,
+    /// sorted by name): a reconcile that finds the same backends skips
+    /// rebuilding and comparing the table.
+    maglev_built_from: HashMap<u32, Vec<(String, u32)>>,
     /// Entries of each Maglev table (prime).
     maglev_table_size: u32,
     next_service_id: u32,
@@ -249,9 +253,15 @@ impl LbState {
                 }
             }
         }
-        // Backends no slot refers to any more go last, after every slot that
-        // pointed at them was rewritten.
-        let referenced: HashSet<u32> = self.services.values().flat_map(|e| e.slots.iter().copied()).collect();
+        // Backends no slot or Maglev entry refers to any more go last, after
+        // everything that pointed at them was rewritten (a table left half
+        // written by a failure still points at its old backends).
+        let referenced: HashSet<u32> = self
+            .services
+            .values()
+            .flat_map(|e| e.slots.iter().copied())
+            .chain(self.maglev.values().flatten().copied())
+            .collect();
         let unreferenced: Vec<u32> =
             self.backends.keys().filter(|id| !referenced.contains(id)).copied().collect();
         for id in unreferenced {
@@ -332,22 +342,30 @@ impl LbState {
         let table_size =
             if self.maglev_table_size == 0 { maglev::DEFAULT_TABLE_SIZE } else { self.maglev_table_size };
         let maglev_size = if spec.maglev && !backends.is_empty() { table_size } else { 0 };
-        let want_table: Vec<u32> = if maglev_size == 0 {
+        let built_from: Vec<(String, u32)> = if maglev_size == 0 {
             Vec::new()
         } else {
             let ids: BTreeMap<String, u32> =
                 backends.iter().zip(&want).map(|(addr, id)| (addr.to_string(), *id)).collect();
-            let names: Vec<String> = ids.keys().cloned().collect();
-            maglev::table(&names, maglev_size).into_iter().map(|i| ids[&names[i]]).collect()
+            ids.into_iter().collect()
         };
         let written = self.maglev.entry(service_id).or_default();
-        for (index, id) in want_table.iter().enumerate() {
-            if written.get(index) != Some(id) {
-                maps.put_maglev(MaglevKey { service_id, index: index as u32 }, *id)?;
-                report.writes += 1;
-                match written.get_mut(index) {
-                    Some(slot) => *slot = *id,
-                    None => written.push(*id),
+        let unchanged = written.len() == maglev_size as usize
+            && self.maglev_built_from.get(&service_id) == Some(&built_from);
+        if !unchanged && maglev_size != 0 {
+            // Forgotten first: a write that fails part-way leaves a mixed
+            // table, which must not pass for the old one on the next round.
+            self.maglev_built_from.remove(&service_id);
+            let names: Vec<String> = built_from.iter().map(|(name, _)| name.clone()).collect();
+            let want_table = maglev::table(&names, maglev_size).into_iter().map(|i| built_from[i].1);
+            for (index, id) in want_table.enumerate() {
+                if written.get(index) != Some(&id) {
+                    maps.put_maglev(MaglevKey { service_id, index: index as u32 }, id)?;
+                    report.writes += 1;
+                    match written.get_mut(index) {
+                        Some(slot) => *slot = id,
+                        None => written.push(id),
+                    }
                 }
             }
         }
@@ -375,12 +393,15 @@ impl LbState {
             self.source_ranges.get_mut(&service_id).map(|set| set.remove(&range));
         }
         let written = self.maglev.entry(service_id).or_default();
-        while written.len() > want_table.len() {
+        while written.len() > maglev_size as usize {
             let index = written.len() as u32 - 1;
             maps.delete_maglev(MaglevKey { service_id, index })?;
             report.deletes += 1;
             written.pop();
         }
+        // Only once the table is whole: a failed write above leaves no record,
+        // so the next reconcile builds and compares again.
+        self.maglev_built_from.insert(service_id, built_from);
         let entry = self.services.get_mut(&key).expect("inserted above");
         // 3. Then the slots beyond the count, which nothing reads any more.
         while entry.slots.len() > target.len() {
@@ -421,6 +442,7 @@ impl LbState {
             written.pop();
         }
         self.maglev.remove(&service_id);
+        self.maglev_built_from.remove(&service_id);
         for range in self.source_ranges.remove(&service_id).unwrap_or_default() {
             if let Err(err) = maps.delete_source_range(service_id, range) {
                 self.source_ranges.entry(service_id).or_default().insert(range);
@@ -485,6 +507,8 @@ mod tests {
         service_capacity: Option<usize>,
         ranges: BTreeSet<(u32, Ipv4Network)>,
         maglev: BTreeMap<MaglevKey, u32>,
+        /// Maglev entry writes that succeed before the next one fails.
+        maglev_budget: Option<usize>,
         writes: usize,
     }
 
@@ -527,6 +551,11 @@ mod tests {
             Ok(())
         }
         fn put_maglev(&mut self, key: MaglevKey, backend_id: u32) -> Result<(), MapWriteError> {
+            match &mut self.maglev_budget {
+                Some(0) => return Err(full("maglev")),
+                Some(left) => *left -= 1,
+                None => {}
+            }
             self.writes += 1;
             self.maglev.insert(key, backend_id);
             Ok(())
@@ -725,6 +754,36 @@ mod tests {
 
         state.reconcile(&desired(&[]), &mut maps);
         assert!(maps.maglev.is_empty(), "removing the frontend removes its table");
+    }
+
+    #[test]
+    fn a_maglev_table_left_half_written_keeps_its_backends_and_is_repaired() {
+        let (mut maps, mut state) = (MemMaps::default(), LbState::default());
+        state.set_maglev_table_size(251);
+        let mut four = desired(&[(frontend("10.96.0.1", 80), backends(1..=4))]);
+        four.values_mut().for_each(|s| s.maglev = true);
+        state.reconcile(&four, &mut maps);
+        // By backend address: a backend that leaves and comes back gets a new id.
+        let table = |maps: &MemMaps| -> Vec<BackendAddr> {
+            maps.maglev.values().map(|id| addr_of(&maps.backends[id])).collect()
+        };
+        let table_of_four = table(&maps);
+        let report = state.reconcile(&four, &mut maps);
+        assert_eq!((report.writes, report.deletes), (0, 0), "nothing changed, nothing written");
+
+        // Moving to three backends fails after a few entries...
+        let mut three = desired(&[(frontend("10.96.0.1", 80), backends([1, 2, 4]))]);
+        three.values_mut().for_each(|s| s.maglev = true);
+        maps.maglev_budget = Some(5);
+        let report = state.reconcile(&three, &mut maps);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert_ne!(table(&maps), table_of_four);
+
+        // (`table` panics on an entry whose backend was deleted.) Going back
+        // to the four rewrites those entries.
+        maps.maglev_budget = None;
+        state.reconcile(&four, &mut maps);
+        assert_eq!(table(&maps), table_of_four);
     }
 
     #[test]
