@@ -41,20 +41,8 @@ use crate::{
     cluster::Cluster,
     lb::translate::{SERVICE_NAME_LABEL, cluster_ips, parse_port},
     metrics::Metrics,
+    names::ServiceName,
 };
-
-/// A Service, as the health-check answer names it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ServiceName {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl std::fmt::Display for ServiceName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// What one Service's health check should serve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
