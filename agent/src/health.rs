@@ -82,6 +82,13 @@ impl Health {
         self.state().node_ineligible = !eligible;
     }
 
+    /// kube-proxy's `IsHealthy()`, which the healthCheckNodePort answers
+    /// report as `serviceProxyHealthy`: no change has waited longer than the
+    /// health timeout.
+    pub fn proxy_healthy(&self) -> bool {
+        !self.check(SystemTime::now()).stuck
+    }
+
     /// The state behind the answers at `now`.
     fn check(&self, now: SystemTime) -> Check {
         let state = self.state();
@@ -305,6 +312,7 @@ mod tests {
         let health = Health::new(Duration::from_secs(60), metrics);
         assert_eq!(health.reply(true).status, 503, "not ready before the first sync");
         assert_eq!(health.reply(false).status, 200, "but alive");
+        assert!(health.proxy_healthy(), "the health checks' view: nothing is stuck yet");
         health.queued();
         health.updated();
         let reply = health.reply(true);
@@ -313,6 +321,7 @@ mod tests {
         health.set_node_eligible(false);
         assert_eq!(health.reply(true).status, 503);
         assert_eq!(health.reply(false).status, 200, "livez ignores eligibility");
+        assert!(health.proxy_healthy(), "so do the health checks, as kube-proxy's");
         health.queued();
         let later = SystemTime::now() + Duration::from_secs(61);
         assert!(health.check(later).stuck, "a change pending too long is unhealthy");

@@ -28,7 +28,7 @@ use std::{
     convert::Infallible,
     net::Ipv4Addr,
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use http_body_util::Full;
@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     cluster::Cluster,
+    health::Health,
     lb::translate::{SERVICE_NAME_LABEL, cluster_ips, parse_port},
     metrics::Metrics,
     names::ServiceName,
@@ -134,14 +135,9 @@ fn answer(service: &ServiceName, local_endpoints: usize, proxy_healthy: bool) ->
     Answer { status, weight: local_endpoints, body }
 }
 
-/// What the reconcile loop last computed; the servers read it on every
-/// request.
-#[derive(Debug)]
-struct Snapshot {
-    checks: BTreeMap<ServiceName, HealthCheck>,
-    /// When the reconcile loop delivered it.
-    at: Instant,
-}
+/// The health checks the reconcile loop last computed; the servers read
+/// them on every request.
+type Snapshot = BTreeMap<ServiceName, HealthCheck>;
 
 /// The health-check servers of one node. Feed it the cluster after every
 /// reconciliation with [`HealthCheckServers::update`].
@@ -154,19 +150,13 @@ pub struct HealthCheckServers {
 impl HealthCheckServers {
     /// Starts the thread that serves the health checks of `node`; nothing
     /// listens before the first [`HealthCheckServers::update`].
-    ///
-    /// `serviceProxyHealthy` is kube-proxy's "no change has waited longer
-    /// than the health timeout". The reconcile loop calls `update` at least
-    /// every `sync_period` (the periodic resync), so a snapshot older than
-    /// the health timeout (at least two sync periods) means the loop is
-    /// stuck, and the counts it holds are stale.
-    pub fn start(node: &str, sync_period_secs: u64, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let stale_after = crate::health::DEFAULT_TIMEOUT.max(Duration::from_secs(sync_period_secs) * 2);
-        let (snapshot, receiver) =
-            watch::channel(Arc::new(Snapshot { checks: BTreeMap::new(), at: Instant::now() }));
+    /// `serviceProxyHealthy` comes from `health`, as kube-proxy's comes from
+    /// its `/healthz` state.
+    pub fn start(node: &str, health: Arc<Health>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let (snapshot, receiver) = watch::channel(Arc::new(Snapshot::new()));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         std::thread::Builder::new().name("weir-hcnp".to_owned()).spawn(move || {
-            runtime.block_on(reconcile(receiver, stale_after, metrics));
+            runtime.block_on(reconcile(receiver, health, metrics));
         })?;
         Ok(Self { node: node.to_owned(), snapshot })
     }
@@ -174,8 +164,7 @@ impl HealthCheckServers {
     /// Opens, moves and closes listeners to match `cluster`, and updates the
     /// endpoint counts they report. Does not wait for the listeners.
     pub fn update(&self, cluster: &Cluster) {
-        let checks = desired(cluster, &self.node);
-        self.snapshot.send_replace(Arc::new(Snapshot { checks, at: Instant::now() }));
+        self.snapshot.send_replace(Arc::new(desired(cluster, &self.node)));
     }
 }
 
@@ -189,7 +178,7 @@ struct Listener {
 /// Makes the open listeners follow the snapshots until the sender goes away.
 async fn reconcile(
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
-    stale_after: Duration,
+    health: Arc<Health>,
     metrics: Arc<Metrics>,
 ) {
     let mut open: BTreeMap<ServiceName, Listener> = BTreeMap::new();
@@ -197,7 +186,7 @@ async fn reconcile(
     let mut failing: BTreeSet<(ServiceName, u16)> = BTreeSet::new();
     while snapshots.changed().await.is_ok() {
         let snapshot = snapshots.borrow_and_update().clone();
-        let port_of = |service: &ServiceName| snapshot.checks.get(service).map(|c| c.port);
+        let port_of = |service: &ServiceName| snapshot.get(service).map(|c| c.port);
         let closing: Vec<ServiceName> =
             open.iter().filter(|(s, l)| port_of(s) != Some(l.port)).map(|(s, _)| s.clone()).collect();
         for service in closing {
@@ -211,7 +200,7 @@ async fn reconcile(
             info!(%service, port = listener.port, "closed health check");
         }
         failing.retain(|(service, port)| port_of(service) == Some(*port));
-        for (service, check) in &snapshot.checks {
+        for (service, check) in snapshot.iter() {
             if open.contains_key(service) {
                 continue;
             }
@@ -219,7 +208,8 @@ async fn reconcile(
                 Ok(socket) => {
                     info!(%service, port = check.port, "serving health check");
                     failing.remove(&(service.clone(), check.port));
-                    let task = tokio::spawn(serve(socket, service.clone(), snapshots.clone(), stale_after));
+                    let task =
+                        tokio::spawn(serve(socket, service.clone(), snapshots.clone(), health.clone()));
                     open.insert(service.clone(), Listener { port: check.port, task });
                 }
                 Err(err) => {
@@ -245,7 +235,7 @@ async fn serve(
     socket: TcpListener,
     service: ServiceName,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    stale_after: Duration,
+    health: Arc<Health>,
 ) {
     let service = Arc::new(service);
     let mut connections = JoinSet::new();
@@ -253,8 +243,8 @@ async fn serve(
         tokio::select! {
             accepted = socket.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let (service, snapshots) = (service.clone(), snapshots.clone());
-                    connections.spawn(connection(stream, service, snapshots, stale_after));
+                    let (service, snapshots, health) = (service.clone(), snapshots.clone(), health.clone());
+                    connections.spawn(connection(stream, service, snapshots, health));
                 }
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -273,12 +263,11 @@ async fn connection(
     stream: tokio::net::TcpStream,
     service: Arc<ServiceName>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    stale_after: Duration,
+    health: Arc<Health>,
 ) {
     let handler = hyper::service::service_fn(move |_request| {
-        let snapshot = snapshots.borrow().clone();
-        let count = snapshot.checks.get(&*service).map_or(0, |c| c.local_endpoints);
-        let reply = answer(&service, count, snapshot.at.elapsed() <= stale_after);
+        let count = snapshots.borrow().get(&*service).map_or(0, |c| c.local_endpoints);
+        let reply = answer(&service, count, health.proxy_healthy());
         let response = Response::builder()
             .status(reply.status)
             .header(header::CONTENT_TYPE, "application/json")

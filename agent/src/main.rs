@@ -306,7 +306,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         KubeOptions { kubeconfig: args.kubeconfig.clone(), api_server: args.api_server.clone() };
     let mut source = Source::start(&args.source, &kube_options, metrics.clone(), health.clone()).await?;
     let health_checks =
-        healthcheck::HealthCheckServers::start(&args.node_name, args.sync_period, metrics.clone())?;
+        healthcheck::HealthCheckServers::start(&args.node_name, health.clone(), metrics.clone())?;
     let mut synced = false;
     let mut last: Option<cluster::Cluster> = None;
     let mut programming = ProgrammingLatency::default();
