@@ -331,7 +331,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     health_checks.update(&cluster);
                     source.programmed();
                     programming.observe(&cluster, &metrics);
-                    if let Some(eligible) = source.node_eligible(&args.node_name) {
+                    if let Some(eligible) = cluster.node_eligible(&args.node_name) {
                         health.set_node_eligible(eligible);
                     }
                     if !synced {

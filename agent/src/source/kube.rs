@@ -70,9 +70,6 @@ pub const BATCH: Duration = Duration::from_millis(50);
 /// The annotation kube-proxy measures network programming latency from.
 pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
-/// Taint the cluster autoscaler puts on a node it is about to delete.
-const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
-
 /// How to reach the API server.
 #[derive(Clone, Debug, Default)]
 pub struct KubeOptions {
@@ -475,20 +472,6 @@ impl KubeSource {
         let (services, endpoints) = std::mem::take(&mut self.handed_out);
         self.metrics.service_changes_pending.dec_by(services);
         self.metrics.endpoint_changes_pending.dec_by(endpoints);
-    }
-
-    /// Whether `node_name` may receive traffic from load balancers: not when
-    /// it is being deleted or tainted for deletion by the cluster autoscaler.
-    /// `None` when the Node is unknown.
-    pub fn node_eligible(&self, node_name: &str) -> Option<bool> {
-        let node = self.nodes.store.find(|n| n.meta().name.as_deref() == Some(node_name))?;
-        let deleting = node.meta().deletion_timestamp.is_some();
-        let tainted = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.as_ref())
-            .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
-        Some(!deleting && !tainted)
     }
 }
 

@@ -67,12 +67,4 @@ impl Source {
             Self::Kube(kube) => kube.programmed(),
         }
     }
-
-    /// Whether this node may take load-balancer traffic (`None`: unknown).
-    pub fn node_eligible(&self, node_name: &str) -> Option<bool> {
-        match self {
-            Self::Dir(_) => None,
-            Self::Kube(kube) => kube.node_eligible(node_name),
-        }
-    }
 }
