@@ -68,8 +68,11 @@ pub fn ptr_at<T>(bytes: Bytes, off: usize) -> Option<*mut T> {
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
     // Headers of locally generated veth traffic are linear, but pull them in
-    // case they are not; a failure shows up as a truncated header below.
-    if ctx.data() + ETH_HLEN + 60 + 20 > ctx.data_end() {
+    // case they are not; a failure shows up as a truncated header below. A
+    // packet that is short because it *is* short (a SYN, an ACK: most of
+    // them) is all linear already and skips the helper call.
+    let linear = ctx.data_end() - ctx.data();
+    if linear < ETH_HLEN + 60 + 20 && ctx.len() as usize > linear {
         let _ = ctx.pull_data((ETH_HLEN + 20 + 20) as u32);
     }
     parse_bytes(Bytes::of_tc(ctx))
