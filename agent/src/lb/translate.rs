@@ -249,12 +249,19 @@ pub fn desired_frontends_on(
                 ingress.into_iter().flatten().filter_map(|i| i.ip.as_ref()?.parse::<Ipv4Addr>().ok()),
             );
         }
-        let source_ranges: Vec<ipnetwork::Ipv4Network> = spec
+        let mut source_ranges: Vec<ipnetwork::Ipv4Network> = spec
             .and_then(|s| s.load_balancer_source_ranges.as_ref())
             .into_iter()
             .flatten()
             .filter_map(|r| r.trim().parse().ok())
             .collect();
+        // As kube-proxy: when the node itself is inside a range, the LB IPs
+        // are admitted as sources too. A VIP-like load balancer often makes
+        // the VIP a local address, and a request from the node to it comes
+        // back with the VIP as its source.
+        if source_ranges.iter().any(|r| node_addresses.iter().any(|a| r.contains(*a))) {
+            source_ranges.extend(lb_ips.iter().map(|ip| ipnetwork::Ipv4Network::from(*ip)));
+        }
         let service_name = format!("{namespace}/{name}");
         let affinity = affinity_timeout(svc);
         for port in ports {
@@ -659,6 +666,35 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.9}]}}
         assert_eq!(d[&fe("203.0.113.9", 80)].flags, SVC_FLAG_EXTERNAL | SVC_FLAG_LOADBALANCER | local_twin);
         assert_eq!(d[&internal("203.0.113.9", 80)].flags, SVC_FLAG_EXTERNAL | SVC_FLAG_LOADBALANCER);
         assert_eq!(d.len(), 7, "ClusterIP, and three external addresses with their internal twins");
+    }
+
+    #[test]
+    fn source_ranges_admit_the_load_balancer_ips_when_they_admit_the_node() {
+        let svc = |ranges: &str| -> Service {
+            yaml(&format!(
+                r#"
+metadata: {{name: web, namespace: shop}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  loadBalancerSourceRanges: [{ranges}]
+  ports: [{{name: http, port: 80, nodePort: 30080, protocol: TCP}}]
+status: {{loadBalancer: {{ingress: [{{ip: 203.0.113.9}}]}}}}
+"#
+            ))
+        };
+        let node_ip: Ipv4Addr = "192.0.2.1".parse().unwrap();
+        let lb = Frontend { address: "203.0.113.9".parse().unwrap(), port: 80, proto: 6, scope: 0 };
+        let ranges_of = |svc: Service| {
+            let d = desired_frontends_on(&[svc], &[web_slice()], Some("n1"), None, &[node_ip], false);
+            d[&lb].source_ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(ranges_of(svc("198.51.100.0/24")), ["198.51.100.0/24"]);
+        assert_eq!(
+            ranges_of(svc("198.51.100.0/24, 192.0.2.0/24")),
+            ["198.51.100.0/24", "192.0.2.0/24", "203.0.113.9/32"],
+            "the node is inside a range: its requests looping back from the VIP pass"
+        );
     }
 
     #[test]
