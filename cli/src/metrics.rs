@@ -36,10 +36,15 @@ pub fn list(root: &Path, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => print_json(&rows),
         Format::Table => {
-            println!("{:<6} {:<34} {:<9} {:>12} {:>14}", "CODE", "REASON", "VERDICT", "PACKETS", "BYTES");
+            // As wide as the longest reason shown, so that the columns line up.
+            let width = rows.iter().map(|r| r.reason.len()).max().unwrap_or(0).max(34);
+            println!("{:<6} {:<width$} {:<9} {:>12} {:>14}", "CODE", "REASON", "VERDICT", "PACKETS", "BYTES");
             for r in &rows {
                 let verdict = if r.drop { "DROPPED" } else { "FORWARDED" };
-                println!("{:<6} {:<34} {:<9} {:>12} {:>14}", r.code, r.reason, verdict, r.packets, r.bytes);
+                println!(
+                    "{:<6} {:<width$} {:<9} {:>12} {:>14}",
+                    r.code, r.reason, verdict, r.packets, r.bytes
+                );
             }
             Ok(())
         }

@@ -128,15 +128,22 @@ pub fn udp_request(pod: &Pod, addr: SocketAddrV4, timeout: Duration) -> Result<U
 /// `GET /` over HTTP/1.0 from `pod` to `addr`; returns the body (the
 /// answering pod's name for a [`crate::servers::TcpMode::Http`] server).
 pub fn http_get(pod: &Pod, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
-    let mut stream = pod
+    http_get_in(pod.netns(), &format!("pod {}", pod.name()), addr, timeout)
+}
+
+/// [`http_get`] from a namespace that is not a pod's (an external client).
+pub fn http_get_from(ns: &NetNs, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
+    http_get_in(ns, ns.name(), addr, timeout)
+}
+
+fn http_get_in(ns: &NetNs, who: &str, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
+    let mut stream = ns
         .run(|| TcpStream::connect_timeout(&SocketAddr::V4(addr), timeout))?
-        .with_context(|| format!("pod {}: TCP connect to {addr}", pod.name()))?;
+        .with_context(|| format!("{who}: TCP connect to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .with_context(|| format!("pod {}: HTTP response from {addr}", pod.name()))?;
+    stream.read_to_string(&mut response).with_context(|| format!("{who}: HTTP response from {addr}"))?;
     let (head, body) =
         response.split_once("\r\n\r\n").with_context(|| format!("malformed HTTP response: {response:?}"))?;
     if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {

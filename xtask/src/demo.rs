@@ -3,10 +3,12 @@
 //!
 //! One namespace per pod of `examples/pods.yaml` (with the pod's IP), wired to
 //! a node namespace; HTTP servers in the backends that answer with their pod
-//! name; the agent on a copy of `examples/`. Then: requests to the ClusterIP
-//! and how they spread, the CLI's view of the maps, a connection the
-//! NetworkPolicy drops and why, and one backend removed with traffic moving
-//! away from it. Everything is removed at the end, on failure and on Ctrl-C.
+//! name; a host outside the cluster wired to the node's uplink; the agent on
+//! a copy of `examples/`. Then: requests to the ClusterIP and how they
+//! spread, the CLI's view of the maps, a connection the NetworkPolicy drops
+//! and why, the outside host reaching the same Service through its NodePort
+//! (XDP on the uplink), and one backend removed with traffic moving away
+//! from it. Everything is removed at the end, on failure and on Ctrl-C.
 
 use std::{
     collections::BTreeMap,
@@ -21,10 +23,11 @@ use serde::Deserialize;
 use weir_tests::{
     agent::{Agent, AgentOptions},
     cli::wait_until,
-    clients::http_get,
+    clients::{http_get, http_get_from},
     manifests::ManifestDir,
+    netns::NetNs,
     servers::{TcpMode, TcpServer},
-    topology::{Node, Pod},
+    topology::{Node, Pod, external_host},
 };
 
 use crate::cargo::{Binaries, Workspace};
@@ -42,6 +45,12 @@ const EXAMPLE_NODE: &str = "demo-node";
 const PREFIX: &str = "weir-demo";
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKEND_PORT: u16 = 8080;
+/// examples/web.yaml's `nodePort`.
+const NODE_PORT: u16 = 30080;
+/// The node's uplink and the outside host behind it (examples/policy.yaml
+/// admits 198.18.0.0/24).
+const NODE_UPLINK_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 
 #[derive(Deserialize)]
 struct PodManifest {
@@ -76,9 +85,13 @@ fn heading(text: &str) {
 
 /// Sends `n` requests from `client` to the ClusterIP and prints the spread.
 fn spread(client: &Pod, n: u32) -> Result<BTreeMap<String, u32>> {
+    spread_with(n, || http_get(client, SocketAddrV4::new(CLUSTER_IP, 80), Duration::from_secs(2)))
+}
+
+fn spread_with(n: u32, mut request: impl FnMut() -> Result<String>) -> Result<BTreeMap<String, u32>> {
     let mut counts = BTreeMap::new();
     for _ in 0..n {
-        let name = http_get(client, SocketAddrV4::new(CLUSTER_IP, 80), Duration::from_secs(2))?;
+        let name = request()?;
         *counts.entry(name.trim().to_owned()).or_insert(0) += 1;
     }
     for (backend, count) in &counts {
@@ -162,6 +175,8 @@ pub fn run(args: &DemoArgs, bins: &Binaries) -> Result<()> {
         }
     }
     println!("  backends serve HTTP on :{BACKEND_PORT} and answer with their pod name");
+    let outside = external_host(&node, "outside", NODE_UPLINK_IP, OUTSIDE_IP)?;
+    println!("  host outside  {OUTSIDE_IP:<12} wired to the node's uplink {NODE_UPLINK_IP}");
 
     heading("weir-agent on the example manifests");
     let manifests = ManifestDir::new(PREFIX)?;
@@ -215,6 +230,8 @@ pub fn run(args: &DemoArgs, bins: &Binaries) -> Result<()> {
     show(&agent, &["policy", "get", "demo/backend-1"], 20)?;
     show(&agent, &["observe", "--last", "4"], 8)?;
 
+    node_port(&agent, &outside, args.requests)?;
+
     heading("backend-3 leaves the EndpointSlice (examples/web.yaml without it)");
     let web = std::fs::read_to_string(examples.join("web.yaml"))?.replace(EXAMPLE_NODE, node.name());
     let without = remove_endpoint(&web, "10.244.0.13");
@@ -231,8 +248,22 @@ pub fn run(args: &DemoArgs, bins: &Binaries) -> Result<()> {
     drop(agent);
     drop(servers);
     drop(pods);
+    drop(outside);
     drop(node);
     println!("  agent stopped, pins, namespaces and interfaces removed");
+    Ok(())
+}
+
+/// North-south: the outside host reaches web through its NodePort on the
+/// node's uplink, where the XDP program translates it (the backends keep
+/// seeing the client's own address, which the policy admits).
+fn node_port(agent: &Agent, outside: &NetNs, requests: u32) -> Result<()> {
+    let target = SocketAddrV4::new(NODE_UPLINK_IP, NODE_PORT);
+    heading(&format!("{requests} requests from the outside host ({OUTSIDE_IP}) to the NodePort {target}"));
+    let get = || http_get_from(outside, target, Duration::from_secs(2));
+    wait_until(Duration::from_secs(20), "the first request through the NodePort", || Ok(get().is_ok()))?;
+    spread_with(requests, get)?;
+    show(agent, &["metrics", "list"], 20)?;
     Ok(())
 }
 
