@@ -92,6 +92,28 @@ impl TestBed {
         &self.cli
     }
 
+    /// Writes `<name>.yaml`: a ClusterIP Service `vip` in the test namespace
+    /// and its EndpointSlice with `backends` (ready pods of this node).
+    pub fn write_service(
+        &self,
+        name: &str,
+        vip: Ipv4Addr,
+        ports: &[manifests::ServicePort],
+        backends: &[&Pod],
+    ) -> Result<()> {
+        let endpoints: Vec<manifests::Endpoint> = backends
+            .iter()
+            .map(|p| manifests::Endpoint::for_pod(p.ip(), p.name(), self.node.name()))
+            .collect();
+        self.manifests.write(
+            &format!("{name}.yaml"),
+            &[
+                manifests::service(NAMESPACE, name, &vip.to_string(), ports),
+                manifests::endpoint_slice(NAMESPACE, name, "s1", &endpoints, ports),
+            ],
+        )
+    }
+
     /// Creates pod `name` on the node with the next free address in
     /// 10.244.0.0/24 and writes its Pod manifest (`pod-<name>.yaml`), so the
     /// agent treats it as local and attaches to its interface.

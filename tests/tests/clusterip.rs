@@ -15,25 +15,6 @@ use weir_tests::topology::Pod;
 
 const HAIRPIN_SNAT_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
-/// Writes `<name>.yaml` with a Service and its EndpointSlice (ready pods).
-fn write_service(
-    bed: &TestBed,
-    name: &str,
-    vip: Ipv4Addr,
-    ports: &[ServicePort],
-    backends: &[&Pod],
-) -> Result<()> {
-    let endpoints: Vec<Endpoint> =
-        backends.iter().map(|p| Endpoint::for_pod(p.ip(), p.name(), bed.node().name())).collect();
-    bed.manifests().write(
-        &format!("{name}.yaml"),
-        &[
-            service(NAMESPACE, name, &vip.to_string(), ports),
-            endpoint_slice(NAMESPACE, name, "s1", &endpoints, ports),
-        ],
-    )
-}
-
 /// Test 1: TCP and UDP through a ClusterIP reach the backend, and replies come
 /// back from the ClusterIP:port.
 #[test]
@@ -46,7 +27,7 @@ fn tcp_and_udp_through_cluster_ip() -> Result<()> {
 
     let vip = Ipv4Addr::new(10, 96, 0, 10);
     let ports = [ServicePort::tcp("http", 80, 8080), ServicePort::udp("dns", 53, 5353)];
-    write_service(&bed, "web", vip, &ports, &[&backend])?;
+    bed.write_service("web", vip, &ports, &[&backend])?;
     let row = bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[backend.ip()])?;
     assert_eq!(row.backends[0].port, 8080, "lb list: wrong target port: {row:?}");
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 53, "UDP", &[backend.ip()])?;
@@ -110,7 +91,7 @@ fn spread_600_connections_over_3_backends() -> Result<()> {
 
     let vip = Ipv4Addr::new(10, 96, 0, 20);
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    write_service(&bed, "spread", vip, &ports, &backends.iter().collect::<Vec<_>>())?;
+    bed.write_service("spread", vip, &ports, &backends.iter().collect::<Vec<_>>())?;
     let ips: Vec<Ipv4Addr> = backends.iter().map(Pod::ip).collect();
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &ips)?;
     let addr = SocketAddrV4::new(vip, 80);
@@ -151,7 +132,7 @@ fn removed_endpoint_keeps_established_but_gets_no_new_connections() -> Result<()
 
     let vip = Ipv4Addr::new(10, 96, 0, 30);
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    write_service(&bed, "shrink", vip, &ports, &backends.iter().collect::<Vec<_>>())?;
+    bed.write_service("shrink", vip, &ports, &backends.iter().collect::<Vec<_>>())?;
     let ips: Vec<Ipv4Addr> = backends.iter().map(Pod::ip).collect();
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &ips)?;
     let addr = SocketAddrV4::new(vip, 80);
@@ -165,7 +146,7 @@ fn removed_endpoint_keeps_established_but_gets_no_new_connections() -> Result<()
         .find(|p| p.name() == pinned)
         .with_context(|| format!("answer from an unknown pod {pinned:?}"))?;
     let remaining: Vec<&Pod> = backends.iter().filter(|p| p.name() != pinned).collect();
-    write_service(&bed, "shrink", vip, &ports, &remaining)?;
+    bed.write_service("shrink", vip, &ports, &remaining)?;
     let remaining_ips: Vec<Ipv4Addr> = remaining.iter().map(|p| p.ip()).collect();
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &remaining_ips)?;
     eprintln!("removed {} ({}); remaining {remaining_ips:?}", removed.name(), removed.ip());
@@ -195,7 +176,7 @@ fn added_endpoint_receives_new_connections() -> Result<()> {
 
     let vip = Ipv4Addr::new(10, 96, 0, 35);
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    write_service(&bed, "grow", vip, &ports, &[&first])?;
+    bed.write_service("grow", vip, &ports, &[&first])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[first.ip()])?;
     let addr = SocketAddrV4::new(vip, 80);
     for i in 0..10 {
@@ -207,7 +188,7 @@ fn added_endpoint_receives_new_connections() -> Result<()> {
         assert_eq!(name, first.name(), "only backend-a is an endpoint yet");
     }
 
-    write_service(&bed, "grow", vip, &ports, &[&first, &second])?;
+    bed.write_service("grow", vip, &ports, &[&first, &second])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[first.ip(), second.ip()])?;
     // With two equally likely backends, 60 connections all missing the new
     // one happens with probability 2^-60.
@@ -236,7 +217,7 @@ fn deleted_service_traffic_is_dropped_and_counted() -> Result<()> {
 
     let vip = Ipv4Addr::new(10, 96, 0, 40);
     let ports = [ServicePort::tcp("http", 80, 8080), ServicePort::udp("dns", 53, 5353)];
-    write_service(&bed, "doomed", vip, &ports, &[&backend])?;
+    bed.write_service("doomed", vip, &ports, &[&backend])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[backend.ip()])?;
     let addr = SocketAddrV4::new(vip, 80);
     assert_eq!(bed.wait_tcp(&client, addr)?, "backend");
@@ -278,7 +259,7 @@ fn service_without_ready_endpoints_drops_with_158() -> Result<()> {
     // A working service first, so we know the client's interface is attached.
     let ports = [ServicePort::tcp("http", 80, 8080)];
     let live = Ipv4Addr::new(10, 96, 0, 50);
-    write_service(&bed, "live", live, &ports, &[&backend])?;
+    bed.write_service("live", live, &ports, &[&backend])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, live, 80, "TCP", &[backend.ip()])?;
     bed.wait_tcp(&client, SocketAddrV4::new(live, 80))?;
 
@@ -315,7 +296,7 @@ fn hairpin_tcp() -> Result<()> {
     let tcp = TcpServer::start(&solo, 8080, TcpMode::Lines)?;
 
     let vip = Ipv4Addr::new(10, 96, 0, 60);
-    write_service(&bed, "self", vip, &[ServicePort::tcp("http", 80, 8080)], &[&solo])?;
+    bed.write_service("self", vip, &[ServicePort::tcp("http", 80, 8080)], &[&solo])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[solo.ip()])?;
     let addr = SocketAddrV4::new(vip, 80);
     assert_eq!(bed.wait_tcp(&solo, addr)?, "solo");
@@ -345,7 +326,7 @@ fn hairpin_udp() -> Result<()> {
     let udp = UdpServer::start(&solo, 5353)?;
 
     let vip = Ipv4Addr::new(10, 96, 0, 61);
-    write_service(&bed, "self", vip, &[ServicePort::udp("dns", 53, 5353)], &[&solo])?;
+    bed.write_service("self", vip, &[ServicePort::udp("dns", 53, 5353)], &[&solo])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 53, "UDP", &[solo.ip()])?;
     let addr = SocketAddrV4::new(vip, 53);
     let reply = bed.wait_udp(&solo, addr)?;

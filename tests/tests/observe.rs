@@ -35,25 +35,6 @@ use weir_tests::topology::Pod;
 /// Short, for connections that are expected to be dropped.
 const DROP_TIMEOUT: Duration = Duration::from_millis(300);
 
-/// Writes `<name>.yaml` with a Service and its EndpointSlice (ready pods).
-fn write_service(
-    bed: &TestBed,
-    name: &str,
-    vip: Ipv4Addr,
-    ports: &[ServicePort],
-    backends: &[&Pod],
-) -> Result<()> {
-    let endpoints: Vec<EpManifest> =
-        backends.iter().map(|p| EpManifest::for_pod(p.ip(), p.name(), bed.node().name())).collect();
-    bed.manifests().write(
-        &format!("{name}.yaml"),
-        &[
-            service(NAMESPACE, name, &vip.to_string(), ports),
-            endpoint_slice(NAMESPACE, name, "s1", &endpoints, ports),
-        ],
-    )
-}
-
 /// Runs `weir observe <args> -o json` and returns its responses.
 fn observe(bed: &TestBed, args: &[&str]) -> Result<Vec<Value>> {
     let mut full = vec!["observe"];
@@ -164,7 +145,7 @@ fn cluster_ip_connection_is_a_flow() -> Result<()> {
     let backend = bed.add_pod("backend")?;
     let _server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
     let vip = Ipv4Addr::new(10, 96, 5, 10);
-    write_service(&bed, "web", vip, &[ServicePort::tcp("http", 80, 8080)], &[&backend])?;
+    bed.write_service("web", vip, &[ServicePort::tcp("http", 80, 8080)], &[&backend])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[backend.ip()])?;
     bed.wait_tcp(&client, SocketAddrV4::new(vip, 80))?;
 
@@ -250,7 +231,7 @@ fn drops_carry_their_reason() -> Result<()> {
 
     // 174: the service is gone, its ClusterIP is still in the service CIDR.
     let gone = Ipv4Addr::new(10, 96, 6, 10);
-    write_service(&bed, "gone", gone, &ports, &[&backend])?;
+    bed.write_service("gone", gone, &ports, &[&backend])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, gone, 80, "TCP", &[backend.ip()])?;
     bed.wait_tcp(&client, SocketAddrV4::new(gone, 80))?;
     bed.manifests().remove("gone.yaml")?;
@@ -273,7 +254,7 @@ fn drops_carry_their_reason() -> Result<()> {
 
     // 158: the frontend exists without a backend; the drop names the service.
     let empty = Ipv4Addr::new(10, 96, 6, 11);
-    write_service(&bed, "empty", empty, &ports, &[])?;
+    bed.write_service("empty", empty, &ports, &[])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, empty, 80, "TCP", &[])?;
     wait_until(AGENT_TIMEOUT, "a 158 drop", || {
         let _ = clients::tcp_request(&client, SocketAddrV4::new(empty, 80), DROP_TIMEOUT);
@@ -330,7 +311,7 @@ fn filters_select_exactly_the_matching_flows() -> Result<()> {
     let _s2 = TcpServer::start(&backend_2, 9090, TcpMode::Lines)?;
     let _u2 = UdpServer::start(&backend_2, 5353)?;
     let vip = Ipv4Addr::new(10, 96, 7, 10);
-    write_service(&bed, "web", vip, &[ServicePort::tcp("http", 80, 8080)], &[&backend_1])?;
+    bed.write_service("web", vip, &[ServicePort::tcp("http", 80, 8080)], &[&backend_1])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[backend_1.ip()])?;
 
     bed.wait_tcp(&client_a, SocketAddrV4::new(vip, 80))?;
@@ -765,7 +746,7 @@ fn cost_of_flow_events() -> Result<()> {
         let client = bed.add_pod("client")?;
         let backend = bed.add_pod("backend")?;
         servers.push(TcpServer::start(&backend, 8080, TcpMode::Lines)?);
-        write_service(bed, "web", vip, &[ServicePort::tcp("http", 80, 8080)], &[&backend])?;
+        bed.write_service("web", vip, &[ServicePort::tcp("http", 80, 8080)], &[&backend])?;
         bed.cli().wait_for_backends(AGENT_TIMEOUT, vip, 80, "TCP", &[backend.ip()])?;
         bed.wait_tcp(&client, SocketAddrV4::new(vip, 80))?;
         pods.push(client);
