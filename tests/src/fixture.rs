@@ -7,7 +7,7 @@
 //! the test bed, so those are dropped before it.
 
 use std::cell::Cell;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -90,6 +90,18 @@ impl TestBed {
     /// `weir` pointed at this agent's pins.
     pub fn cli(&self) -> &Cli {
         &self.cli
+    }
+
+    /// The agent's Prometheus metrics (`/metrics` on the node's loopback,
+    /// the agent's default address), as text.
+    pub fn scrape_metrics(&self) -> Result<String> {
+        let address = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249));
+        let (status, body) = self
+            .node
+            .netns()
+            .run(|| crate::apiserver::http_get(address, "/metrics", Duration::from_secs(5)))??;
+        anyhow::ensure!(status == 200, "GET /metrics: HTTP {status}");
+        Ok(body)
     }
 
     /// Writes `<name>.yaml`: a ClusterIP Service `vip` in the test namespace

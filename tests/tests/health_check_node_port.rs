@@ -142,17 +142,10 @@ fn health_check_node_port_moves_and_a_taken_port_is_only_a_warning() -> Result<(
         l.contains("WARN") && l.contains("healthCheckNodePort") && l.contains(&taken.to_string())
     })?;
     assert!(line.contains("default/squat"), "the warning names the service: {line}");
-    let metrics = bed
-        .node()
-        .netns()
-        .run(|| weir_tests::apiserver::http_get("127.0.0.1:10249".parse().unwrap(), "/metrics", TIMEOUT))??;
+    let metrics = bed.scrape_metrics()?;
     assert!(
-        metrics
-            .1
-            .lines()
-            .any(|l| l.starts_with("weir_health_check_bind_errors_total ") && !l.ends_with(" 0")),
-        "bind failures are counted: {}",
-        metrics.1
+        metrics.lines().any(|l| l.starts_with("weir_health_check_bind_errors_total ") && !l.ends_with(" 0")),
+        "bind failures are counted: {metrics}"
     );
 
     // Freed, the port is taken on the next sync (here: the next change).

@@ -826,12 +826,8 @@ fn flow_metrics_are_exported_to_prometheus() -> Result<()> {
         std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 96), 80),
         Duration::from_millis(300),
     );
-    let addr: std::net::SocketAddr = "127.0.0.1:10249".parse()?;
     weir_tests::cli::wait_until(AGENT_TIMEOUT, "flow metrics", || {
-        let (_, body) = bed
-            .node()
-            .netns()
-            .run(move || weir_tests::apiserver::http_get(addr, "/metrics", Duration::from_secs(2)))??;
+        let body = bed.scrape_metrics()?;
         Ok(body
             .lines()
             .any(|l| l.starts_with("hubble_flows_processed_total") && l.contains("verdict=\"FORWARDED\""))

@@ -82,15 +82,10 @@ fn a_full_services_map_is_reported_and_the_rest_served() -> Result<()> {
         .wait_for_log_line(AGENT_TIMEOUT, "a map-full warning", |line| line.contains("map full"))?;
     let served = bed.cli().lb_list()?;
     ensure!(served.len() == 2, "two frontends fit: {served:#?}");
-    // And the agent's metrics say which map is full (the agent serves them on
-    // the node's loopback).
-    let metrics_addr: std::net::SocketAddr = "127.0.0.1:10249".parse()?;
-    // The counter is bumped when the reconciliation that logged it returns.
+    // And the agent's metrics say which map is full. The counter is bumped
+    // when the reconciliation that logged it returns.
     wait_until(AGENT_TIMEOUT, "weir_map_write_errors_total for the services map", || {
-        let (_, metrics) = bed
-            .node()
-            .netns()
-            .run(move || weir_tests::apiserver::http_get(metrics_addr, "/metrics", DEFAULT_TIMEOUT))??;
+        let metrics = bed.scrape_metrics()?;
         Ok(metrics.lines().any(|l| {
             l.starts_with("weir_map_write_errors_total")
                 && l.contains("map=\"LB4_SERVICES_V2\"")
