@@ -9,7 +9,8 @@
 //!  client ── router ──────┼ node 1: Weir, --lb-acceleration native ── local pod
 //!              │          ├ node 2: Weir, --lb-acceleration disabled (tc) ── local pod
 //!              │          ├ node 3: the same, and XDP_PASS on its uplink ── local pod
-//!              │          └ node 4: kube-proxy's iptables NodePort rules ── local pod
+//!              │          ├ node 4: kube-proxy's iptables NodePort rules ── local pod
+//!              │          └ node 5: the same behind 1,000 other services' rules ── local pod
 //!              └── far node: one remote backend pod per configuration
 //! ```
 //!
@@ -61,11 +62,24 @@ pub enum NsConfig {
     /// XDP mode costs by itself (see [`NsConfig::label`]).
     WeirTcXdpPass,
     Iptables,
+    /// iptables with [`BUSY_SERVICES`] other ClusterIP services in the
+    /// cluster: every NodePort connection walks their KUBE-SERVICES rules
+    /// first, as on a real cluster.
+    IptablesBusy,
 }
 
+/// The other services of [`NsConfig::IptablesBusy`]'s cluster.
+pub const BUSY_SERVICES: usize = 1_000;
+
 impl NsConfig {
-    pub const ALL: [NsConfig; 5] =
-        [NsConfig::Direct, NsConfig::WeirXdp, NsConfig::WeirTc, NsConfig::WeirTcXdpPass, NsConfig::Iptables];
+    pub const ALL: [NsConfig; 6] = [
+        NsConfig::Direct,
+        NsConfig::WeirXdp,
+        NsConfig::WeirTc,
+        NsConfig::WeirTcXdpPass,
+        NsConfig::Iptables,
+        NsConfig::IptablesBusy,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -74,6 +88,7 @@ impl NsConfig {
             NsConfig::WeirTc => "Weir, tc only",
             NsConfig::WeirTcXdpPass => "Weir tc, uplink XDP_PASS",
             NsConfig::Iptables => "iptables",
+            NsConfig::IptablesBusy => "iptables, 1,000 services",
         }
     }
 
@@ -247,13 +262,16 @@ impl Topology {
         r.ip(&["rule", "add", "iif", client_dev, "to", &pod_ip, "lookup", DIRECT_TABLE])?;
         r.ip(&["rule", "add", "iif", &far_dev, "from", &pod_ip, "to", &client_ip, "lookup", DIRECT_TABLE])?;
 
-        // iptables: kube-proxy's NodePort rules.
+        // iptables: kube-proxy's NodePort rules, alone and behind other
+        // services' rules.
         let scratch = TempDir::new(PREFIX)?;
-        let k = NsConfig::Iptables.index();
-        let rules = scratch.path().join("nodeport.rules");
-        std::fs::write(&rules, iptables_ruleset(remote_pod_ip(k), local_pod_ip(k)))?;
-        netfilter::iptables_restore(nodes[k].name(), &rules, Duration::from_secs(60))?
-            .context("iptables-restore of the NodePort rules timed out")?;
+        for (config, others) in [(NsConfig::Iptables, 0), (NsConfig::IptablesBusy, BUSY_SERVICES)] {
+            let k = config.index();
+            let rules = scratch.path().join(format!("nodeport{k}.rules"));
+            std::fs::write(&rules, iptables_ruleset(remote_pod_ip(k), local_pod_ip(k), others))?;
+            netfilter::iptables_restore(nodes[k].name(), &rules, Duration::from_secs(60))?
+                .context("iptables-restore of the NodePort rules timed out")?;
+        }
 
         // Weir: both agents started, then waited for.
         let mut dirs = Vec::new();
@@ -344,16 +362,32 @@ fn weir_manifests(node: &Node, far: &str, k: usize) -> Vec<Value> {
 /// the node's address in POSTROUTING), the local one with `Local` (KUBE-EXT
 /// → KUBE-SVL, no masquerade: the client's address is kept, as Weir keeps it
 /// for a local backend). Filter table as kube-proxy writes it.
-fn iptables_ruleset(remote: Ipv4Addr, local: Ipv4Addr) -> String {
+///
+/// `others` ClusterIP services come first in KUBE-SERVICES, each rule with
+/// a chain of its own, as kube-proxy writes them; the NodePort jump is the
+/// chain's last rule, so a NodePort connection walks them all.
+fn iptables_ruleset(remote: Ipv4Addr, local: Ipv4Addr, others: usize) -> String {
+    use std::fmt::Write as _;
     let cidr = services::POD_CIDR;
     let (sp, bp) = (services::SERVICE_PORT, services::BACKEND_PORT);
     let far = "bench/far:http";
     let near = "bench/near:http";
+    let (mut other_chains, mut other_rules) = (String::new(), String::new());
+    for i in 0..others {
+        let (name, ip) = (format!("bench/other{i}:http"), services::cluster_ip(i));
+        let _ = writeln!(other_chains, ":KUBE-SVC-OTHER{i} - [0:0]");
+        let _ = writeln!(
+            other_rules,
+            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {ip} --dport {sp} -j KUBE-SVC-OTHER{i}\n\
+             -A KUBE-SVC-OTHER{i} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {ip} --dport {sp} ! -s {cidr} -j KUBE-MARK-MASQ"
+        );
+    }
     format!(
         "{filter}*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
 :KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-SERVICES - [0:0]\n\
 :KUBE-SVC-FAR - [0:0]\n:KUBE-EXT-FAR - [0:0]\n:KUBE-SEP-FAR - [0:0]\n\
 :KUBE-SVC-NEAR - [0:0]\n:KUBE-SVL-NEAR - [0:0]\n:KUBE-EXT-NEAR - [0:0]\n:KUBE-SEP-NEAR - [0:0]\n\
+{other_chains}\
 -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
 -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
 -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
@@ -361,6 +395,7 @@ fn iptables_ruleset(remote: Ipv4Addr, local: Ipv4Addr) -> String {
 -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
 -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
 -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
+{other_rules}\
 -A KUBE-SERVICES -m comment --comment \"{far} cluster IP\" -m tcp -p tcp -d {REMOTE_CLUSTER_IP} --dport {sp} -j KUBE-SVC-FAR\n\
 -A KUBE-SERVICES -m comment --comment \"{near} cluster IP\" -m tcp -p tcp -d {LOCAL_CLUSTER_IP} --dport {sp} -j KUBE-SVC-NEAR\n\
 -A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
@@ -407,7 +442,10 @@ fn xdp_counters(bins: &Binaries, agent: &BenchAgent) -> Result<[u64; 3]> {
 pub fn measure(plan: &Plan, bins: &Binaries) -> Result<NorthSouthResult> {
     let started = Instant::now();
     let load_before = super::load_average();
-    eprintln!("bench: north-south: building the one-armed topology (4 nodes, router, far node, client)");
+    eprintln!(
+        "bench: north-south: building the one-armed topology ({} nodes, router, far node, client)",
+        NsConfig::ALL.len()
+    );
     let topology = Topology::build(plan, bins)?;
     let cases: Vec<(Backend, NsConfig)> =
         Backend::ALL.iter().flat_map(|b| NsConfig::ALL.iter().map(move |c| (*b, *c))).collect();
