@@ -325,5 +325,8 @@ mod tests {
         health.queued();
         let later = SystemTime::now() + Duration::from_secs(61);
         assert!(health.check(later).stuck, "a change pending too long is unhealthy");
+        // Which the health checks report as serviceProxyHealthy: false.
+        health.state().oldest_pending = Some(SystemTime::now() - Duration::from_secs(61));
+        assert!(!health.proxy_healthy());
     }
 }

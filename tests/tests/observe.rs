@@ -28,9 +28,8 @@ use weir_tests::agent::{AgentOptions, binary};
 use weir_tests::cli::{wait_for, wait_until};
 use weir_tests::clients::{self, DEFAULT_TIMEOUT, TcpConn, udp_request};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
-use weir_tests::manifests::{Endpoint as EpManifest, ServicePort, endpoint_slice, service};
+use weir_tests::manifests::ServicePort;
 use weir_tests::servers::{TcpMode, TcpServer, UdpServer};
-use weir_tests::topology::Pod;
 
 /// Short, for connections that are expected to be dropped.
 const DROP_TIMEOUT: Duration = Duration::from_millis(300);

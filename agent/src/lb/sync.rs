@@ -253,6 +253,16 @@ impl LbState {
                 }
             }
         }
+        // Maglev tables of no frontend: found in the maps at adoption (a crash
+        // between writing a table and its service entry, or while removing
+        // them). Gone before the backends they pin are weighed.
+        let live: HashSet<u32> = self.services.values().map(|e| e.service_id).collect();
+        let orphan_tables: Vec<u32> = self.maglev.keys().filter(|id| !live.contains(id)).copied().collect();
+        for service_id in orphan_tables {
+            if let Err(err) = self.remove_maglev_table(service_id, maps, &mut report) {
+                report.errors.push((format!("orphan Maglev table of service {service_id}"), err));
+            }
+        }
         // Backends no slot or Maglev entry refers to any more go last, after
         // everything that pointed at them was rewritten (a table left half
         // written by a failure still points at its old backends).
@@ -413,6 +423,26 @@ impl LbState {
         Ok(())
     }
 
+    /// Deletes a Maglev table, last entry first (a failure leaves a shorter
+    /// table that the next attempt continues).
+    fn remove_maglev_table(
+        &mut self,
+        service_id: u32,
+        maps: &mut impl LbMaps,
+        report: &mut SyncReport,
+    ) -> Result<(), MapWriteError> {
+        self.maglev_built_from.remove(&service_id);
+        while let Some(written) = self.maglev.get_mut(&service_id)
+            && !written.is_empty()
+        {
+            maps.delete_maglev(MaglevKey { service_id, index: written.len() as u32 - 1 })?;
+            report.deletes += 1;
+            written.pop();
+        }
+        self.maglev.remove(&service_id);
+        Ok(())
+    }
+
     fn remove_frontend(
         &mut self,
         key: &ServiceKey,
@@ -434,15 +464,7 @@ impl LbState {
             entry.slots.pop();
         }
         let service_id = entry.service_id;
-        while let Some(written) = self.maglev.get_mut(&service_id)
-            && !written.is_empty()
-        {
-            maps.delete_maglev(MaglevKey { service_id, index: written.len() as u32 - 1 })?;
-            report.deletes += 1;
-            written.pop();
-        }
-        self.maglev.remove(&service_id);
-        self.maglev_built_from.remove(&service_id);
+        self.remove_maglev_table(service_id, maps, report)?;
         for range in self.source_ranges.remove(&service_id).unwrap_or_default() {
             if let Err(err) = maps.delete_source_range(service_id, range) {
                 self.source_ranges.entry(service_id).or_default().insert(range);
@@ -784,6 +806,25 @@ mod tests {
         maps.maglev_budget = None;
         state.reconcile(&four, &mut maps);
         assert_eq!(table(&maps), table_of_four);
+    }
+
+    #[test]
+    fn an_orphan_maglev_table_found_at_adoption_is_removed_with_its_backends() {
+        let mut maps = MemMaps::default();
+        let mut state = LbState::default();
+        state.set_maglev_table_size(251);
+        let mut want = desired(&[(frontend("10.96.0.1", 80), backends(1..=4))]);
+        want.values_mut().for_each(|s| s.maglev = true);
+        state.reconcile(&want, &mut maps);
+        // A crash after the table, before (or after removing) the service
+        // entry and its slots.
+        maps.services.clear();
+        maps.slots.clear();
+        let mut restarted = maps.adopt();
+        let report = restarted.reconcile(&desired(&[]), &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(maps.maglev.is_empty(), "the orphan table is deleted");
+        assert!(maps.backends.is_empty(), "and so are the backends only it referred to");
     }
 
     #[test]

@@ -71,9 +71,10 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
     // case they are not; a failure shows up as a truncated header below. A
     // packet that is short because it *is* short (a SYN, an ACK: most of
     // them) is all linear already and skips the helper call.
+    const HEADERS: usize = ETH_HLEN + 60 + 20;
     let linear = ctx.data_end() - ctx.data();
-    if linear < ETH_HLEN + 60 + 20 && ctx.len() as usize > linear {
-        let _ = ctx.pull_data((ETH_HLEN + 20 + 20) as u32);
+    if linear < HEADERS && ctx.len() as usize > linear {
+        let _ = ctx.pull_data(ctx.len().min(HEADERS as u32));
     }
     parse_bytes(Bytes::of_tc(ctx))
 }
