@@ -259,7 +259,10 @@ pub fn desired_frontends_on(
         // are admitted as sources too. A VIP-like load balancer often makes
         // the VIP a local address, and a request from the node to it comes
         // back with the VIP as its source.
-        if source_ranges.iter().any(|r| node_addresses.iter().any(|a| r.contains(*a))) {
+        // (127.0.0.1, a NodePort address for the node's own processes, is
+        // not the node's address for this.)
+        let node_ips = || node_addresses.iter().filter(|a| !a.is_loopback());
+        if source_ranges.iter().any(|r| node_ips().any(|a| r.contains(*a))) {
             source_ranges.extend(lb_ips.iter().map(|ip| ipnetwork::Ipv4Network::from(*ip)));
         }
         let service_name = format!("{namespace}/{name}");
