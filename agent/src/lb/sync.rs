@@ -68,6 +68,11 @@ struct ServiceEntry {
     /// Backend id per slot as written (index 0 = slot 1). Zero marks a slot
     /// found missing when adopting the maps.
     slots: Vec<u32>,
+    /// The spec this frontend was last fully programmed from: a
+    /// reconciliation that finds the same spec has nothing to do for it
+    /// (with 10,000 services, one endpoint change touches one frontend's
+    /// work, not every frontend's). `None` after adoption or a failure.
+    applied: Option<FrontendSpec>,
 }
 
 /// Mirror of the load-balancer maps.
@@ -145,6 +150,7 @@ impl LbState {
                     service_id: svc.service_id,
                     written: Some(svc),
                     slots: vec![0; usize::from(svc.count)],
+                    applied: None,
                 },
             );
         }
@@ -232,7 +238,15 @@ impl LbState {
     pub fn reconcile(&mut self, desired: &Desired, maps: &mut impl LbMaps) -> SyncReport {
         let mut report = SyncReport::default();
         for (frontend, spec) in desired {
-            if let Err(err) = self.sync_frontend(frontend, spec, maps, &mut report) {
+            let key = key_of(frontend);
+            if self.services.get(&key).is_some_and(|e| e.applied.as_ref() == Some(spec)) {
+                continue;
+            }
+            let result = self.sync_frontend(frontend, spec, maps, &mut report);
+            if let Some(entry) = self.services.get_mut(&key) {
+                entry.applied = result.is_ok().then(|| spec.clone());
+            }
+            if let Err(err) = result {
                 report.errors.push((format!("{frontend} ({})", spec.service), err));
             }
         }
@@ -304,7 +318,8 @@ impl LbState {
         let key = key_of(frontend);
         if !self.services.contains_key(&key) {
             let service_id = self.alloc_service_id();
-            self.services.insert(key, ServiceEntry { service_id, written: None, slots: Vec::new() });
+            self.services
+                .insert(key, ServiceEntry { service_id, written: None, slots: Vec::new(), applied: None });
         }
         let mut want = Vec::with_capacity(backends.len());
         for addr in backends {
