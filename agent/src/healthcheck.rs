@@ -321,7 +321,7 @@ mod tests {
 
     fn cluster() -> Cluster {
         Cluster {
-            services: vec![yaml(
+            services: vec![Arc::new(yaml(
                 r#"
 metadata: {name: web, namespace: shop}
 spec:
@@ -331,8 +331,8 @@ spec:
   healthCheckNodePort: 32000
   ports: [{name: http, port: 80, nodePort: 30080}, {name: https, port: 443, nodePort: 30443}]
 "#,
-            )],
-            endpoint_slices: vec![yaml(
+            ))],
+            endpoint_slices: vec![Arc::new(yaml(
                 r#"
 metadata: {name: web-a, namespace: shop, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
@@ -344,7 +344,7 @@ endpoints:
 - {addresses: [10.244.0.5], nodeName: n1, conditions: {ready: false, serving: true, terminating: true}}
 - {addresses: [10.244.1.2], nodeName: n2}
 "#,
-            )],
+            ))],
             ..Cluster::default()
         }
     }
@@ -352,10 +352,10 @@ endpoints:
     #[test]
     fn counts_ready_local_endpoints_once_per_address() {
         let mut cluster = cluster();
-        let mut second = cluster.endpoint_slices[0].clone();
+        let mut second = (*cluster.endpoint_slices[0]).clone();
         second.metadata.name = Some("web-b".into());
         second.endpoints.truncate(1); // 10.244.0.2 again
-        cluster.endpoint_slices.push(second);
+        cluster.endpoint_slices.push(Arc::new(second));
         let checks = desired(&cluster, "n1");
         assert_eq!(
             checks[&web()],
@@ -377,7 +377,7 @@ endpoints:
             let (key, value) = change.split_once(": ").unwrap();
             spec[key] = yaml(value);
             spec["clusterIPs"] = serde_json::Value::Null;
-            cluster.services[0].spec = serde_json::from_value(spec).unwrap();
+            Arc::make_mut(&mut cluster.services[0]).spec = serde_json::from_value(spec).unwrap();
             assert!(desired(&cluster, "n1").is_empty(), "{change}: no health check");
         }
     }

@@ -29,6 +29,8 @@ pub fn local_pod_ips(cluster: &Cluster, node_name: &str) -> BTreeMap<Ipv4Addr, S
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::cluster::Object;
 
@@ -41,7 +43,7 @@ mod tests {
 - {metadata: {name: d}, spec: {nodeName: n1, containers: []}}
 "#;
         let pods: Vec<k8s_openapi::api::core::v1::Pod> = serde_yaml::from_str(yaml).unwrap();
-        let objects: Vec<Object> = pods.into_iter().map(|p| Object::Pod(Box::new(p))).collect();
+        let objects: Vec<Object> = pods.into_iter().map(|p| Object::Pod(Arc::new(p))).collect();
         let local = local_pod_ips(&Cluster::from_objects(&objects), "n1");
         assert_eq!(local, [("10.244.0.2".parse().unwrap(), "x/a".to_owned())].into());
     }

@@ -2,6 +2,7 @@
 //! datapath should serve. Pure functions: no maps, no I/O.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
 };
@@ -199,8 +200,8 @@ impl Topology {
 /// kube-proxy drops it), and Cluster policies follow the EndpointSlices'
 /// topology hints for this node or zone.
 pub fn desired_frontends_on(
-    services: &[Service],
-    slices: &[EndpointSlice],
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
     node: Option<&str>,
     zone: Option<&str>,
     node_addresses: &[Ipv4Addr],
@@ -208,7 +209,7 @@ pub fn desired_frontends_on(
 ) -> Desired {
     // (namespace, service name) → slices
     let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices {
+    for slice in slices.iter().map(Borrow::borrow) {
         if slice.address_type != "IPv4" {
             continue;
         }
@@ -220,7 +221,7 @@ pub fn desired_frontends_on(
     }
 
     let mut desired = Desired::new();
-    for svc in services {
+    for svc in services.iter().map(Borrow::borrow) {
         let (namespace, name) = namespace_name(&svc.metadata);
         let ips = cluster_ips(svc);
         let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());

@@ -262,7 +262,7 @@ pub fn compute(cluster: &Cluster, node_name: &str, host_addresses: &[Ipv4Addr]) 
     }
 
     let model = Model { pods, namespace_labels, ids, cidr_ids };
-    let mut policies: Vec<&NetworkPolicy> = cluster.network_policies.iter().collect();
+    let mut policies: Vec<&NetworkPolicy> = cluster.network_policies.iter().map(|p| &**p).collect();
     policies.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
 
     for pod in model.pods.iter().filter(|p| p.local) {
@@ -367,6 +367,8 @@ pub fn compute(cluster: &Cluster, node_name: &str, host_addresses: &[Ipv4Addr]) 
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::cluster::Object;
 
@@ -375,9 +377,9 @@ mod tests {
         for doc in yaml.split("\n---\n") {
             let value: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
             let object = match value["kind"].as_str().unwrap() {
-                "Pod" => Object::Pod(Box::new(serde_yaml::from_value(value).unwrap())),
-                "Namespace" => Object::Namespace(Box::new(serde_yaml::from_value(value).unwrap())),
-                "NetworkPolicy" => Object::NetworkPolicy(Box::new(serde_yaml::from_value(value).unwrap())),
+                "Pod" => Object::Pod(Arc::new(serde_yaml::from_value(value).unwrap())),
+                "Namespace" => Object::Namespace(Arc::new(serde_yaml::from_value(value).unwrap())),
+                "NetworkPolicy" => Object::NetworkPolicy(Arc::new(serde_yaml::from_value(value).unwrap())),
                 other => panic!("{other}"),
             };
             objects.push(object);

@@ -6,6 +6,7 @@ use std::{
     collections::BTreeMap,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -156,22 +157,22 @@ fn collect(path: &Path, value: serde_yaml::Value, objects: &mut Vec<Object>) {
         }
         ("v1", "Service") => serde_yaml::from_value(value)
             .map_err(|e| e.to_string())
-            .and_then(|o| validate::service(&o).map(|()| Object::Service(Box::new(o)))),
+            .and_then(|o| validate::service(&o).map(|()| Object::Service(Arc::new(o)))),
         ("discovery.k8s.io/v1", "EndpointSlice") => serde_yaml::from_value(value)
             .map_err(|e| e.to_string())
-            .and_then(|o| validate::endpoint_slice(&o).map(|()| Object::EndpointSlice(Box::new(o)))),
+            .and_then(|o| validate::endpoint_slice(&o).map(|()| Object::EndpointSlice(Arc::new(o)))),
         ("v1", "Pod") => serde_yaml::from_value(value)
             .map_err(|e| e.to_string())
-            .and_then(|o| validate::pod(&o).map(|()| Object::Pod(Box::new(o)))),
+            .and_then(|o| validate::pod(&o).map(|()| Object::Pod(Arc::new(o)))),
         ("v1", "Namespace") => {
-            serde_yaml::from_value(value).map_err(|e| e.to_string()).map(|o| Object::Namespace(Box::new(o)))
+            serde_yaml::from_value(value).map_err(|e| e.to_string()).map(|o| Object::Namespace(Arc::new(o)))
         }
         ("networking.k8s.io/v1", "NetworkPolicy") => serde_yaml::from_value(value)
             .map_err(|e| e.to_string())
-            .and_then(|o| validate::network_policy(&o).map(|()| Object::NetworkPolicy(Box::new(o)))),
+            .and_then(|o| validate::network_policy(&o).map(|()| Object::NetworkPolicy(Arc::new(o)))),
         ("v1", "Node") => serde_yaml::from_value(value)
             .map_err(|e| e.to_string())
-            .and_then(|o| validate::node(&o).map(|()| Object::Node(Box::new(o)))),
+            .and_then(|o| validate::node(&o).map(|()| Object::Node(Arc::new(o)))),
         _ => Err(format!("unsupported kind {kind:?} (apiVersion {api_version:?})")),
     };
     match parsed {

@@ -241,13 +241,14 @@ where
 
     /// The store's objects, sorted by namespace and name (the store is a
     /// hash map; sorting makes every reconciliation see the same order).
-    fn objects(&self) -> Vec<K> {
+    /// The store's objects, shared with it (not copied), by namespace/name.
+    fn objects(&self) -> Vec<Arc<K>> {
         let mut objects: Vec<Arc<K>> = self.store.state();
         objects.sort_by(|a, b| {
             (a.meta().namespace.as_deref(), a.meta().name.as_deref())
                 .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
         });
-        objects.into_iter().map(|o| (*o).clone()).collect()
+        objects
     }
 }
 
@@ -442,9 +443,9 @@ impl KubeSource {
     fn valid<K: Resource>(
         &mut self,
         kind: &'static str,
-        objects: Vec<K>,
+        objects: Vec<Arc<K>>,
         check: fn(&K) -> Result<(), String>,
-    ) -> Vec<K> {
+    ) -> Vec<Arc<K>> {
         objects
             .into_iter()
             .filter(|object| match check(object) {
@@ -613,7 +614,7 @@ mod tests {
         .unwrap();
         trim_node(&mut node);
         assert!(node.status.as_ref().unwrap().images.is_none());
-        let cluster = Cluster { nodes: vec![node], ..Cluster::default() };
+        let cluster = Cluster { nodes: vec![Arc::new(node)], ..Cluster::default() };
         assert_eq!(cluster.zone_of("n1"), Some("zone-a"));
     }
 
@@ -628,7 +629,7 @@ mod tests {
         .unwrap();
         trim_endpoint_slice(&mut slice);
         assert_eq!(slice.annotations().len(), 1);
-        let cluster = Cluster { endpoint_slices: vec![slice], ..Cluster::default() };
+        let cluster = Cluster { endpoint_slices: vec![Arc::new(slice)], ..Cluster::default() };
         let times = trigger_times(&cluster);
         assert_eq!(times["n/s"].to_string(), "2024-01-02T03:04:05.123456Z", "{times:?}");
     }
