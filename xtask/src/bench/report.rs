@@ -1169,32 +1169,26 @@ fn ns_target(ns: &NorthSouthResult) -> (String, Option<bool>) {
         })
         .collect::<Vec<_>>()
         .join("; ");
-    let completed: Vec<String> = Backend::ALL
-        .iter()
-        .map(|b| {
-            format!(
-                "{} {}",
-                if *b == Backend::Remote { "remote" } else { "local" },
-                ratio_cell(&ns_ratio(ns, *b, NsConfig::WeirXdp, NsConfig::Iptables, true))
-            )
-        })
-        .collect();
-    let busy: Vec<String> = Backend::ALL
-        .iter()
-        .map(|b| {
-            format!(
-                "{} {}",
-                if *b == Backend::Remote { "remote" } else { "local" },
-                ratio_cell(&ns_ratio(ns, *b, NsConfig::WeirXdp, NsConfig::IptablesBusy, false))
-            )
-        })
-        .collect();
+    // "remote R, local L": Weir XDP over `over`, per backend case.
+    let per_backend = |over: NsConfig, completed: bool| -> String {
+        Backend::ALL
+            .iter()
+            .map(|b| {
+                format!(
+                    "{} {}",
+                    if *b == Backend::Remote { "remote" } else { "local" },
+                    ratio_cell(&ns_ratio(ns, *b, NsConfig::WeirXdp, over, completed))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let text = format!(
         "{text}; counting completed connections only, {}; against iptables with {} other services in the \
          cluster (not part of the verdict, which takes iptables' best case), {}",
-        completed.join(", "),
+        per_backend(NsConfig::Iptables, true),
         num(BUSY_SERVICES as f64),
-        busy.join(", ")
+        per_backend(NsConfig::IptablesBusy, false)
     );
     // Met when Weir was faster in every run, not just in the median.
     (text, Some(cases.iter().all(|(_, s)| s.min > 1.0)))
