@@ -172,6 +172,11 @@ impl Drop for BenchAgent {
         {
             eprintln!("bench: cannot remove {}: {e}", self.root.display());
         }
+        // The agent's state file and Hubble socket: /run/weir/<name of the
+        // bpffs root>/.
+        if let Some(name) = self.root.file_name() {
+            let _ = std::fs::remove_dir_all(Path::new("/run/weir").join(name));
+        }
     }
 }
 
