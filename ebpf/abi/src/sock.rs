@@ -21,9 +21,8 @@ pub struct SockRevNatEntry {
     pub address_be: u32,
     pub port_be: u16,
     pub _pad: u16,
-    pub service_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockRevNatEntry>() == 12);
+const _: () = assert!(core::mem::size_of::<SockRevNatEntry>() == 8);
 
 #[cfg(feature = "user")]
 mod user {

@@ -104,7 +104,9 @@ pub fn handle(ctx: &TcContext, pkt: &Packet) -> Verdict {
 /// frontends. Creates the conntrack entries of a new connection.
 /// `can_send_out` is asked before anything is recorded whether the caller
 /// can deliver a packet that must leave the node; if not, the decision is
-/// [`Plan::Defer`] and no counter or entry has changed.
+/// [`Plan::Defer`] and no counter or conntrack entry has changed (a
+/// session-affinity entry the backend choice made stays: tc, deciding
+/// again, reuses it).
 ///
 /// Not inlined: the XDP program calls it with its own frame (BPF stacks
 /// are 512 bytes over all frames of a call chain).

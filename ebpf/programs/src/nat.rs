@@ -64,6 +64,20 @@ pub fn rewrite_port(ctx: &TcContext, pkt: &Packet, end: End, old_be: u16, new_be
     ctx.store(off, &new_be, 0).map_err(|_| DROP_WRITE_ERROR)
 }
 
+/// A FIB lookup request for an IPv4 packet `saddr_be` → `daddr_be` that
+/// entered on `ifindex` (tc and XDP each pass it to `bpf_fib_lookup` with
+/// their own context).
+#[inline(always)]
+pub fn fib_request(ifindex: u32, saddr_be: u32, daddr_be: u32) -> bpf_fib_lookup {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = 2; // AF_INET
+    params.ifindex = ifindex;
+    params.__bindgen_anon_3.ipv4_src = saddr_be;
+    params.__bindgen_anon_4.ipv4_dst = daddr_be;
+    params
+}
+
 /// Sends a rewritten packet straight out of the interface the routing table
 /// picks for its (new) destination, resolving the next hop's MAC.
 ///
@@ -74,13 +88,8 @@ pub fn rewrite_port(ctx: &TcContext, pkt: &Packet, end: End, old_be: u16, new_be
 /// `None` when there is no route (the caller lets the stack try).
 #[inline(always)]
 pub fn redirect_to_route(ctx: &TcContext, saddr_be: u32, daddr_be: u32) -> Option<i32> {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = 2; // AF_INET
     // SAFETY: reading a field of the context the kernel handed us.
-    params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    params.__bindgen_anon_3.ipv4_src = saddr_be;
-    params.__bindgen_anon_4.ipv4_dst = daddr_be;
+    let mut params = fib_request(unsafe { (*ctx.skb.skb).ingress_ifindex }, saddr_be, daddr_be);
     // SAFETY: the context's skb and a stack buffer of the size we pass.
     let rc = unsafe {
         bpf_fib_lookup(ctx.skb.skb.cast(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)

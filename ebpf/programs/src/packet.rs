@@ -1,7 +1,7 @@
 //! Parsing: Ethernet → IPv4 → TCP/UDP, into the few fields the datapath
 //! needs, with the offsets that the rewrite code patches.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use weir_abi::{metrics::DROP_INVALID, proto};
 
 pub const ETH_HLEN: usize = 14;
@@ -49,6 +49,11 @@ pub struct Bytes {
 impl Bytes {
     #[inline(always)]
     pub fn of_tc(ctx: &TcContext) -> Bytes {
+        Bytes { start: ctx.data(), end: ctx.data_end() }
+    }
+
+    #[inline(always)]
+    pub fn of_xdp(ctx: &XdpContext) -> Bytes {
         Bytes { start: ctx.data(), end: ctx.data_end() }
     }
 }

@@ -82,7 +82,7 @@ pub fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
         }
     };
     let key = SockRevNatKey { cookie, address_be: backend.address_be, port_be: backend.port_be, _pad: 0 };
-    let entry = SockRevNatEntry { address_be, port_be, _pad: 0, service_id: service.service_id };
+    let entry = SockRevNatEntry { address_be, port_be, _pad: 0 };
     // Without it replies would show the backend's address: tolerable, so a
     // full map does not fail the connect (it is an LRU anyway).
     let _ = SOCK_REVNAT.insert(&key, &entry, 0);

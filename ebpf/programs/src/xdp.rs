@@ -31,17 +31,13 @@ use weir_abi::metrics::{DROP_WRITE_ERROR, XDP_TO_STACK, XDP_TO_TC, XDP_TX};
 use crate::{
     from_netdev::{self, Plan, Xlate},
     metrics::count,
+    nat,
     packet::{Bytes, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet, parse_bytes, ptr_at},
 };
 
 #[inline(always)]
-fn bytes(ctx: &XdpContext) -> Bytes {
-    Bytes { start: ctx.data(), end: ctx.data_end() }
-}
-
-#[inline(always)]
 pub fn handle(ctx: &XdpContext) -> u32 {
-    let pkt = match parse_bytes(bytes(ctx)) {
+    let pkt = match parse_bytes(Bytes::of_xdp(ctx)) {
         Ok(Some(pkt)) => pkt,
         // Not ours, or not ours to judge: the stack (and tc) decide.
         _ => return xdp_action::XDP_PASS,
@@ -67,7 +63,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         // (nothing was recorded, so it decides again to the same result).
         Plan::Pass | Plan::Reject => xdp_action::XDP_PASS,
         Plan::Local(xlate) => {
-            if rewrite(bytes(ctx), &pkt, &xlate).is_err() {
+            if rewrite(Bytes::of_xdp(ctx), &pkt, &xlate).is_err() {
                 count(DROP_WRITE_ERROR, len);
                 return xdp_action::XDP_DROP;
             }
@@ -76,7 +72,9 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         }
         Plan::Out(xlate) => {
             let Some(next_hop) = out_route else { return xdp_action::XDP_PASS };
-            if rewrite(bytes(ctx), &pkt, &xlate).is_err() || set_macs(bytes(ctx), &next_hop).is_err() {
+            if rewrite(Bytes::of_xdp(ctx), &pkt, &xlate).is_err()
+                || set_macs(Bytes::of_xdp(ctx), &next_hop).is_err()
+            {
                 count(DROP_WRITE_ERROR, len);
                 return xdp_action::XDP_DROP;
             }
@@ -104,12 +102,7 @@ struct NextHop {
 /// 512 bytes).
 #[inline(never)]
 fn route(ctx: &XdpContext, ifindex: u32, xlate: &Xlate) -> Option<NextHop> {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = 2; // AF_INET
-    params.ifindex = ifindex;
-    params.__bindgen_anon_3.ipv4_src = xlate.saddr_be;
-    params.__bindgen_anon_4.ipv4_dst = xlate.daddr_be;
+    let mut params = nat::fib_request(ifindex, xlate.saddr_be, xlate.daddr_be);
     // SAFETY: the context the kernel handed us and a stack buffer of the size we pass.
     let rc = unsafe {
         bpf_fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
