@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 use crate::{
     cluster::Cluster,
     health::Health,
-    lb::translate::{SERVICE_NAME_LABEL, cluster_ips, parse_port},
+    lb::translate::{SERVICE_NAME_LABEL, cluster_ips, namespace_name, parse_port},
     metrics::Metrics,
     names::ServiceName,
 };
@@ -75,20 +75,14 @@ pub fn desired(cluster: &Cluster, node: &str) -> BTreeMap<ServiceName, HealthChe
         let Some(port) = spec.health_check_node_port.and_then(parse_port).filter(|_| wanted) else {
             continue;
         };
-        let name = ServiceName {
-            namespace: svc.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned()),
-            name: svc.metadata.name.clone().unwrap_or_default(),
-        };
-        checks.insert(name, (port, BTreeSet::<Ipv4Addr>::new()));
+        let (namespace, name) = namespace_name(&svc.metadata);
+        checks.insert(ServiceName { namespace, name }, (port, BTreeSet::<Ipv4Addr>::new()));
     }
     for slice in &cluster.endpoint_slices {
         let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
             continue;
         };
-        let name = ServiceName {
-            namespace: slice.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned()),
-            name: service.clone(),
-        };
+        let name = ServiceName { namespace: namespace_name(&slice.metadata).0, name: service.clone() };
         let Some((_, addresses)) = checks.get_mut(&name) else {
             continue;
         };

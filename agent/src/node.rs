@@ -237,13 +237,15 @@ impl Agent {
     /// keep their backend until they close, as with kube-proxy.)
     fn flush_stale_udp(&mut self, desired: &lb::translate::Desired) {
         let be = |addr: Ipv4Addr, port: u16| (u32::from_ne_bytes(addr.octets()), port.to_be());
-        let current: HashMap<(u32, u16), HashSet<(u32, u16)>> = desired
-            .iter()
-            .filter(|(f, _)| f.proto == weir_abi::proto::UDP)
-            .map(|(f, spec)| {
-                (be(f.address, f.port), spec.backends.iter().map(|b| be(b.address, b.port)).collect())
-            })
-            .collect();
+        // By address and port: the two scopes of one frontend (its
+        // external entry and its internal twin) pool their backends.
+        let mut current: HashMap<(u32, u16), HashSet<(u32, u16)>> = HashMap::new();
+        for (f, spec) in desired.iter().filter(|(f, _)| f.proto == weir_abi::proto::UDP) {
+            current
+                .entry(be(f.address, f.port))
+                .or_default()
+                .extend(spec.backends.iter().map(|b| be(b.address, b.port)));
+        }
         let mut stale = HashSet::new();
         for (frontend, before) in &self.udp_backends {
             let now = current.get(frontend);

@@ -33,6 +33,11 @@ pub fn destroy_stale_udp(
     revnat: &HashMap<MapData, SockRevNatKey, SockRevNatEntry>,
     stale: &HashSet<StaleUdpBackend>,
 ) -> anyhow::Result<usize> {
+    // No socket went through the socket LB (or it is off): nothing to find.
+    if revnat.keys().next().is_none() {
+        return Ok(0);
+    }
+    let stale_backends: HashSet<(u32, u16)> = stale.iter().map(|s| s.backend_be).collect();
     let netlink = connect()?;
     let mut destroyed = 0;
     for id in udp_sockets(&netlink)? {
@@ -40,6 +45,10 @@ pub fn destroy_stale_udp(
             continue;
         };
         let backend_be = (u32::from_ne_bytes(dst.octets()), id.destination_port.to_be());
+        // Only sockets connected to a stale backend are worth a map lookup.
+        if !stale_backends.contains(&backend_be) {
+            continue;
+        }
         let key = SockRevNatKey {
             cookie: u64::from_ne_bytes(id.cookie),
             address_be: backend_be.0,

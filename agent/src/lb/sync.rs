@@ -89,10 +89,6 @@ pub struct LbState {
     source_ranges: BTreeMap<u32, BTreeSet<Ipv4Network>>,
     /// Maglev tables as written (backend id per entry), by service id.
     maglev: HashMap<u32, Vec<u32>>,
-    /// What each written Maglev table was built from (backend name and id,
-    /// sorted by name): a reconcile that finds the same backends skips
-    /// rebuilding and comparing the table.
-    maglev_built_from: HashMap<u32, Vec<(String, u32)>>,
     /// Entries of each Maglev table (prime).
     maglev_table_size: u32,
     next_service_id: u32,
@@ -278,13 +274,21 @@ impl LbState {
             }
         }
         // Backends no slot or Maglev entry refers to any more go last, after
-        // everything that pointed at them was rewritten (a table left half
-        // written by a failure still points at its old backends).
+        // everything that pointed at them was rewritten. A fully programmed
+        // frontend's table holds only backends of its slots; one left half
+        // written by a failure may still point at its old backends.
+        let complete: HashSet<u32> =
+            self.services.values().filter(|e| e.applied.is_some()).map(|e| e.service_id).collect();
         let referenced: HashSet<u32> = self
             .services
             .values()
             .flat_map(|e| e.slots.iter().copied())
-            .chain(self.maglev.values().flatten().copied())
+            .chain(
+                self.maglev
+                    .iter()
+                    .filter(|(id, _)| !complete.contains(id))
+                    .flat_map(|(_, t)| t.iter().copied()),
+            )
             .collect();
         let unreferenced: Vec<u32> =
             self.backends.keys().filter(|id| !referenced.contains(id)).copied().collect();
@@ -367,22 +371,14 @@ impl LbState {
         let table_size =
             if self.maglev_table_size == 0 { maglev::DEFAULT_TABLE_SIZE } else { self.maglev_table_size };
         let maglev_size = if spec.maglev && !backends.is_empty() { table_size } else { 0 };
-        let built_from: Vec<(String, u32)> = if maglev_size == 0 {
-            Vec::new()
-        } else {
+        // (Built only when the frontend's spec changed: `reconcile` skips
+        // frontends programmed from the same spec.)
+        let written = self.maglev.entry(service_id).or_default();
+        if maglev_size != 0 {
             let ids: BTreeMap<String, u32> =
                 backends.iter().zip(&want).map(|(addr, id)| (addr.to_string(), *id)).collect();
-            ids.into_iter().collect()
-        };
-        let written = self.maglev.entry(service_id).or_default();
-        let unchanged = written.len() == maglev_size as usize
-            && self.maglev_built_from.get(&service_id) == Some(&built_from);
-        if !unchanged && maglev_size != 0 {
-            // Forgotten first: a write that fails part-way leaves a mixed
-            // table, which must not pass for the old one on the next round.
-            self.maglev_built_from.remove(&service_id);
-            let names: Vec<String> = built_from.iter().map(|(name, _)| name.clone()).collect();
-            let want_table = maglev::table(&names, maglev_size).into_iter().map(|i| built_from[i].1);
+            let (names, ids): (Vec<String>, Vec<u32>) = ids.into_iter().unzip();
+            let want_table = maglev::table(&names, maglev_size).into_iter().map(|i| ids[i]);
             for (index, id) in want_table.enumerate() {
                 if written.get(index) != Some(&id) {
                     maps.put_maglev(MaglevKey { service_id, index: index as u32 }, id)?;
@@ -424,9 +420,6 @@ impl LbState {
             report.deletes += 1;
             written.pop();
         }
-        // Only once the table is whole: a failed write above leaves no record,
-        // so the next reconcile builds and compares again.
-        self.maglev_built_from.insert(service_id, built_from);
         let entry = self.services.get_mut(&key).expect("inserted above");
         // 3. Then the slots beyond the count, which nothing reads any more.
         while entry.slots.len() > target.len() {
@@ -446,7 +439,6 @@ impl LbState {
         maps: &mut impl LbMaps,
         report: &mut SyncReport,
     ) -> Result<(), MapWriteError> {
-        self.maglev_built_from.remove(&service_id);
         while let Some(written) = self.maglev.get_mut(&service_id)
             && !written.is_empty()
         {
@@ -467,6 +459,8 @@ impl LbState {
         let Some(entry) = self.services.get_mut(key) else {
             return Ok(());
         };
+        // Half removed, it must be programmed again if it comes back.
+        entry.applied = None;
         if entry.written.is_some() {
             maps.delete_service(key)?;
             report.deletes += 1;

@@ -95,7 +95,9 @@ pub fn cluster_ips(svc: &Service) -> Vec<Ipv4Addr> {
     ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
 }
 
-fn namespace_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+pub(crate) fn namespace_name(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
     (meta.namespace.clone().unwrap_or_else(|| "default".to_owned()), meta.name.clone().unwrap_or_default())
 }
 

@@ -239,9 +239,9 @@ where
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// The store's objects, sorted by namespace and name (the store is a
-    /// hash map; sorting makes every reconciliation see the same order).
-    /// The store's objects, shared with it (not copied), by namespace/name.
+    /// The store's objects, shared with it (not copied), sorted by namespace
+    /// and name (the store is a hash map; sorting makes every
+    /// reconciliation see the same order).
     fn objects(&self) -> Vec<Arc<K>> {
         let mut objects: Vec<Arc<K>> = self.store.state();
         objects.sort_by(|a, b| {
