@@ -90,6 +90,14 @@ impl Agent {
         &self.bpffs_root
     }
 
+    /// The names of the program links pinned under `<bpffs root>/links`
+    /// (`<hook>:<ifindex>:<ifname>`, e.g. `xdp:3:uplink`).
+    pub fn pinned_link_names(&self) -> Result<Vec<String>> {
+        Ok(std::fs::read_dir(self.bpffs_root.join("links"))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect())
+    }
+
     /// A `weir` CLI pointed at this agent's pins.
     pub fn cli(&self) -> Result<Cli> {
         Cli::new(&self.bpffs_root)

@@ -90,6 +90,14 @@ pub mod codes {
     pub const SERVICE_ESTABLISHED: u32 = 2;
     pub const REVERSE_NAT: u32 = 3;
     pub const HAIRPIN_NEW: u32 = 4;
+    /// Socket LB: a connect()/sendmsg() translated to a backend.
+    pub const SOCK_LB_TRANSLATED: u32 = 7;
+    /// XDP: sent back out of the device it came in on.
+    pub const XDP_TX: u32 = 9;
+    /// XDP: translated for a local backend and passed to the stack.
+    pub const XDP_TO_STACK: u32 = 10;
+    /// XDP: left to the tc program.
+    pub const XDP_TO_TC: u32 = 11;
     /// A frontend exists but has no backend.
     pub const NO_BACKEND: u32 = 158;
     /// Destination in the service CIDR but no such frontend ("Is a ClusterIP").

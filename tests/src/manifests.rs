@@ -184,6 +184,20 @@ pub fn service(namespace: &str, name: &str, cluster_ip: &str, ports: &[ServicePo
     })
 }
 
+/// [`service`] of `type: NodePort`, its first port on `node_port`.
+pub fn node_port_service(
+    namespace: &str,
+    name: &str,
+    cluster_ip: &str,
+    ports: &[ServicePort],
+    node_port: u16,
+) -> Value {
+    let mut svc = service(namespace, name, cluster_ip, ports);
+    svc["spec"]["type"] = json!("NodePort");
+    svc["spec"]["ports"][0]["nodePort"] = json!(node_port);
+    svc
+}
+
 /// A discovery.k8s.io/v1 EndpointSlice named `<service>-<suffix>` for
 /// `service`, with the service ports' names, target ports and protocols.
 pub fn endpoint_slice(

@@ -6,9 +6,10 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 
 use anyhow::{Context, Result, ensure};
+use weir_tests::cli::codes;
 use weir_tests::clients::{DEFAULT_TIMEOUT, connect_from, connect_when_ready};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
-use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
+use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, node_port_service, service};
 use weir_tests::netns::NetNs;
 use weir_tests::servers::{TcpMode, TcpServer};
 use weir_tests::topology::{external_host, second_node};
@@ -25,9 +26,7 @@ fn node_port_and_external_ip_reach_a_local_backend_with_the_client_address() -> 
     let server = TcpServer::start(&backend, 8080, TcpMode::Lines)?;
     let vip = Ipv4Addr::new(10, 96, 0, 30);
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    let mut svc = service(NAMESPACE, "web", &vip.to_string(), &ports);
-    svc["spec"]["type"] = serde_json::json!("NodePort");
-    svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(30080);
+    let mut svc = node_port_service(NAMESPACE, "web", &vip.to_string(), &ports, 30080);
     svc["spec"]["externalIPs"] = serde_json::json!([EXTERNAL_IP.to_string()]);
     let endpoints = [Endpoint::for_pod(backend.ip(), backend.name(), bed.node().name())];
     bed.manifests().write("web.yaml", &[svc, endpoint_slice(NAMESPACE, "web", "s1", &endpoints, &ports)])?;
@@ -67,9 +66,7 @@ fn node_port_reaches_a_backend_on_another_node_through_snat() -> Result<()> {
 
     let vip = Ipv4Addr::new(10, 96, 0, 31);
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    let mut svc = service(NAMESPACE, "far", &vip.to_string(), &ports);
-    svc["spec"]["type"] = serde_json::json!("NodePort");
-    svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(30081);
+    let svc = node_port_service(NAMESPACE, "far", &vip.to_string(), &ports, 30081);
     let endpoints = [Endpoint::for_pod(remote.ip(), remote.name(), node2.name())];
     bed.manifests().write("far.yaml", &[svc, endpoint_slice(NAMESPACE, "far", "s1", &endpoints, &ports)])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, NODE_IP, 30081, "TCP", &[remote.ip()])?;
@@ -161,9 +158,7 @@ fn devices_flag_limits_node_ports_to_the_listed_devices() -> Result<()> {
     }
     let backend = bed.add_pod("backend")?;
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    let mut svc = service(NAMESPACE, "np", "10.96.0.33", &ports);
-    svc["spec"]["type"] = serde_json::json!("NodePort");
-    svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(30083);
+    let svc = node_port_service(NAMESPACE, "np", "10.96.0.33", &ports, 30083);
     let endpoints = [Endpoint::for_pod(backend.ip(), backend.name(), bed.node().name())];
     bed.manifests().write("np.yaml", &[svc, endpoint_slice(NAMESPACE, "np", "s1", &endpoints, &ports)])?;
     let listed = Ipv4Addr::new(198, 18, 60, 1);
@@ -173,9 +168,7 @@ fn devices_flag_limits_node_ports_to_the_listed_devices() -> Result<()> {
     let node_ports: Vec<Ipv4Addr> =
         rows.iter().filter(|r| r.frontend.port == 30083).map(|r| r.frontend.address).collect();
     ensure!(node_ports == [listed], "the NodePort is served on ext0's address only: {node_ports:?}");
-    let pins: Vec<String> = std::fs::read_dir(bed.agent().bpffs_root().join("links"))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
+    let pins: Vec<String> = bed.agent().pinned_link_names()?;
     ensure!(pins.iter().any(|p| p.ends_with(":ext0")), "ext0 has the north-south programs: {pins:?}");
     ensure!(!pins.iter().any(|p| p.ends_with(":ext1")), "ext1 is left alone: {pins:?}");
     Ok(())
@@ -195,9 +188,7 @@ fn snat_ports_stay_distinct_over_a_thousand_connections() -> Result<()> {
     let remote = node2.add_pod("remote", Ipv4Addr::new(10, 244, 1, 6))?;
     let server = TcpServer::start(&remote, 8080, TcpMode::Lines)?;
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    let mut svc = service(NAMESPACE, "many", "10.96.0.34", &ports);
-    svc["spec"]["type"] = serde_json::json!("NodePort");
-    svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(30084);
+    let svc = node_port_service(NAMESPACE, "many", "10.96.0.34", &ports, 30084);
     let endpoints = [Endpoint::for_pod(remote.ip(), remote.name(), node2.name())];
     bed.manifests()
         .write("many.yaml", &[svc, endpoint_slice(NAMESPACE, "many", "s1", &endpoints, &ports)])?;
@@ -232,9 +223,7 @@ fn node_port_without_endpoints_refuses_external_clients() -> Result<()> {
     let mut bed = TestBed::new()?;
     let client = external_host(bed.node(), "ext", NODE_IP, CLIENT_IP)?;
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    let mut svc = service(NAMESPACE, "empty", "10.96.0.35", &ports);
-    svc["spec"]["type"] = serde_json::json!("NodePort");
-    svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(30085);
+    let svc = node_port_service(NAMESPACE, "empty", "10.96.0.35", &ports, 30085);
     bed.manifests().write("empty.yaml", &[svc])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, NODE_IP, 30085, "TCP", &[])?;
     bed.wait_for_pinned_links(2)?;
@@ -250,6 +239,6 @@ fn node_port_without_endpoints_refuses_external_clients() -> Result<()> {
         "refused at once: {:?}",
         started.elapsed()
     );
-    ensure!(bed.cli().metric_packets(158)? > 0, "counted under 158 (no backend)");
+    ensure!(bed.cli().metric_packets(codes::NO_BACKEND)? > 0, "counted under 158 (no backend)");
     Ok(())
 }

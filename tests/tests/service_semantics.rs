@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use weir_tests::cli::{LbService, codes, wait_for, wait_until};
 use weir_tests::clients::{DEFAULT_TIMEOUT, TcpConn, connect_from, connect_when_ready, tally, tcp_request};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
-use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
+use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, node_port_service, service};
 use weir_tests::servers::{TcpMode, TcpServer};
 use weir_tests::topology::{Pod, external_host, second_node};
 
@@ -84,9 +84,7 @@ fn external_traffic_policy_local_serves_a_node_port_from_local_endpoints_only() 
     let local_endpoint = Endpoint::for_pod(local.ip(), local.name(), bed.node().name());
     let remote_endpoint = Endpoint::for_pod(remote.ip(), remote.name(), node2.name());
     let write = |bed: &TestBed, policy: &str, endpoints: &[Endpoint]| {
-        let mut svc = service(NAMESPACE, "etp", &vip.to_string(), &ports);
-        svc["spec"]["type"] = json!("NodePort");
-        svc["spec"]["ports"][0]["nodePort"] = json!(node_port);
+        let mut svc = node_port_service(NAMESPACE, "etp", &vip.to_string(), &ports, node_port);
         svc["spec"]["externalTrafficPolicy"] = json!(policy);
         bed.manifests().write("etp.yaml", &[svc, endpoint_slice(NAMESPACE, "etp", "s1", endpoints, &ports)])
     };

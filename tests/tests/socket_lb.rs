@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use weir_tests::agent::AgentOptions;
 use weir_tests::cgroup::TestCgroup;
+use weir_tests::cli::codes::SOCK_LB_TRANSLATED;
 use weir_tests::cli::wait_until;
 use weir_tests::clients::{DEFAULT_TIMEOUT, TcpConn, connect_from};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
-use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
+use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, node_port_service, service};
 use weir_tests::netns::NetNs;
 use weir_tests::servers::{TcpMode, TcpServer, UdpServer};
 
@@ -28,8 +29,6 @@ const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 1);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 40, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 40, 11);
 const NODE_PORT: u16 = 30400;
-/// `SOCK_LB_TRANSLATED` in weir_abi::metrics.
-const SOCK_LB_TRANSLATED: u32 = 7;
 
 fn connected_udp(node: &NetNs, addr: SocketAddrV4) -> Result<UdpSocket> {
     let socket = node
@@ -57,9 +56,7 @@ fn write_backends(bed: &TestBed, pods: &[&weir_tests::topology::Pod]) -> Result<
     let ports = [ServicePort::tcp("http", 80, 8080), ServicePort::udp("dns", 53, 5353)];
     let endpoints: Vec<Endpoint> =
         pods.iter().map(|p| Endpoint::for_pod(p.ip(), p.name(), bed.node().name())).collect();
-    let mut web = service(NAMESPACE, "web", &VIP.to_string(), &ports);
-    web["spec"]["type"] = serde_json::json!("NodePort");
-    web["spec"]["ports"][0]["nodePort"] = serde_json::json!(NODE_PORT);
+    let web = node_port_service(NAMESPACE, "web", &VIP.to_string(), &ports, NODE_PORT);
     bed.manifests().write(
         "web.yaml",
         &[

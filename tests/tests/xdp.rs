@@ -18,10 +18,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use anyhow::{Result, ensure};
 use weir_tests::agent::AgentOptions;
 use weir_tests::cli::Cli;
+use weir_tests::cli::codes::{XDP_TO_STACK, XDP_TO_TC, XDP_TX};
 use weir_tests::clients::connect_when_ready;
 use weir_tests::ethtool::{self, SET_TX_CHECKSUM};
 use weir_tests::fixture::{AGENT_TIMEOUT, NAMESPACE, TestBed};
-use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, service};
+use weir_tests::manifests::{Endpoint, ServicePort, endpoint_slice, node_port_service};
 use weir_tests::names;
 use weir_tests::netns::NetNs;
 use weir_tests::servers::{TcpMode, TcpServer};
@@ -36,11 +37,6 @@ const ROUTER_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 52, 254);
 const REMOTE_POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 5, 5);
 const REMOTE_NODE_PORT: u16 = 30090;
 const LOCAL_NODE_PORT: u16 = 30091;
-
-/// Counters of `weir_abi::metrics`.
-const XDP_TX: u32 = 9;
-const XDP_TO_STACK: u32 = 10;
-const XDP_TO_TC: u32 = 11;
 
 /// The namespaces around node 1, dropped (and unwired) together.
 struct OneArm {
@@ -99,9 +95,7 @@ fn north_south(extra_args: &[&str]) -> Result<(TestBed, [u64; 3])> {
         ("far", "10.96.50.1", REMOTE_NODE_PORT, &remote, net.node2.name()),
         ("near", "10.96.50.2", LOCAL_NODE_PORT, &local, bed.node().name()),
     ] {
-        let mut svc = service(NAMESPACE, name, vip, &ports);
-        svc["spec"]["type"] = serde_json::json!("NodePort");
-        svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(node_port);
+        let svc = node_port_service(NAMESPACE, name, vip, &ports, node_port);
         objects.push(svc);
         let endpoints = [Endpoint::for_pod(pod.ip(), pod.name(), node)];
         objects.push(endpoint_slice(NAMESPACE, name, "s1", &endpoints, &ports));
@@ -149,9 +143,7 @@ fn xdp_sends_north_south_traffic_back_out_and_passes_local_traffic() -> Result<(
     ensure!(to_tc == 0, "nothing needed tc in a one-armed node: {to_tc}");
     ensure!(tx >= 8, "the remote connection's packets were sent back out by XDP: {tx}");
     ensure!(to_stack >= 3, "the local backend's packets were translated in XDP: {to_stack}");
-    let links = std::fs::read_dir(bed.agent().bpffs_root().join("links"))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect::<Vec<_>>();
+    let links = bed.agent().pinned_link_names()?;
     ensure!(links.iter().any(|l| l.starts_with("xdp:")), "a pinned XDP link: {links:?}");
     Ok(())
 }
@@ -160,9 +152,7 @@ fn xdp_sends_north_south_traffic_back_out_and_passes_local_traffic() -> Result<(
 fn with_acceleration_disabled_tc_serves_north_south_traffic() -> Result<()> {
     let (bed, moved) = north_south(&["--lb-acceleration", "disabled"])?;
     ensure!(moved == [0, 0, 0], "no XDP counter moves: {moved:?}");
-    let links = std::fs::read_dir(bed.agent().bpffs_root().join("links"))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect::<Vec<_>>();
+    let links = bed.agent().pinned_link_names()?;
     ensure!(!links.iter().any(|l| l.starts_with("xdp:")), "no XDP link: {links:?}");
     Ok(())
 }
@@ -177,9 +167,7 @@ fn xdp_keeps_serving_while_the_agent_restarts() -> Result<()> {
     let remote = net.node2.add_pod("remote", REMOTE_POD_IP)?;
     let _server = TcpServer::start(&remote, 8080, TcpMode::Lines)?;
     let ports = [ServicePort::tcp("http", 80, 8080)];
-    let mut svc = service(NAMESPACE, "far", "10.96.50.3", &ports);
-    svc["spec"]["type"] = serde_json::json!("NodePort");
-    svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(REMOTE_NODE_PORT);
+    let svc = node_port_service(NAMESPACE, "far", "10.96.50.3", &ports, REMOTE_NODE_PORT);
     let endpoints = [Endpoint::for_pod(remote.ip(), remote.name(), net.node2.name())];
     bed.manifests().write("far.yaml", &[svc, endpoint_slice(NAMESPACE, "far", "s1", &endpoints, &ports)])?;
     bed.cli().wait_for_backends(AGENT_TIMEOUT, NODE1_IP, REMOTE_NODE_PORT, "TCP", &[remote.ip()])?;

@@ -40,11 +40,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use weir_tests::ethtool::{self, SET_TX_CHECKSUM};
 use weir_tests::manifests::{self, Endpoint, ManifestDir, ServicePort};
 use weir_tests::tempdir::TempDir;
 use weir_tests::topology::{Node, Pod, link};
+
+use weir_abi::metrics::{XDP_TO_STACK, XDP_TO_TC, XDP_TX};
 
 use super::agent::BenchAgent;
 use super::load::{self, CrrRun, EchoServer, RrRun};
@@ -169,11 +171,6 @@ impl NorthSouthResult {
         self.series.iter().find(|s| s.backend == backend && s.config == config)
     }
 }
-
-// Metric codes (`weir_abi::metrics`).
-const XDP_TX: u32 = 9;
-const XDP_TO_STACK: u32 = 10;
-const XDP_TO_TC: u32 = 11;
 
 const REMOTE_NODE_PORT: u16 = 30090;
 const LOCAL_NODE_PORT: u16 = 30091;
@@ -347,9 +344,7 @@ fn weir_manifests(node: &Node, far: &str, k: usize) -> Vec<Value> {
         ),
         ("near", LOCAL_CLUSTER_IP, LOCAL_NODE_PORT, Endpoint::for_pod(local_pod_ip(k), "local", node.name())),
     ] {
-        let mut svc = manifests::service(ns, name, &vip.to_string(), &ports);
-        svc["spec"]["type"] = json!("NodePort");
-        svc["spec"]["ports"][0]["nodePort"] = json!(node_port);
+        let svc = manifests::node_port_service(ns, name, &vip.to_string(), &ports, node_port);
         docs.push(svc);
         docs.push(manifests::endpoint_slice(ns, name, "s1", &[endpoint], &ports));
     }
